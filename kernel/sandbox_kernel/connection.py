@@ -1,0 +1,173 @@
+"""One client's sockets to a kernel, with replies and outputs routed to their request.
+
+The Jupyter protocol already carries everything a cell produces, so we use
+it as is: jupyter_client makes and signs the sockets, and one reader task per
+socket hands each message to the request it answers (by the parent
+header's msg_id). Messages no request claims (another client's outputs,
+comm traffic) go to ``on_unrouted``, which the kernel proxy relays. Many
+requests can be in flight at once; a request is done when its reply has
+come and, for shell requests, iopub has reported the kernel idle for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous import AsyncKernelClient
+
+Message = dict[str, Any]
+MessageHook = Callable[[str, Message], None]
+StdinHook = Callable[[str, bool], "str | Awaitable[str]"]
+
+
+class ConnectionLost(Exception):
+    """The kernel went away while requests were waiting on it."""
+
+
+class _Request:
+    __slots__ = ("msg_id", "done", "reply", "idle", "wait_idle", "on_message", "on_stdin")
+
+    def __init__(self, msg_id: str, wait_idle: bool, on_message: MessageHook | None,
+                 on_stdin: StdinHook | None):
+        self.msg_id = msg_id
+        self.done: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.reply: Message | None = None
+        self.idle = not wait_idle
+        self.wait_idle = wait_idle
+        self.on_message = on_message
+        self.on_stdin = on_stdin
+
+    def _maybe_finish(self) -> None:
+        if self.reply is not None and self.idle and not self.done.done():
+            self.done.set_result(self.reply)
+
+
+class KernelConnection:
+    def __init__(self, connection_file: str, on_unrouted: MessageHook | None = None):
+        self.client = AsyncKernelClient(
+            connection_file=connection_file, context=zmq.asyncio.Context.instance()
+        )
+        self.client.load_connection_file()
+        self.session = self.client.session
+        self.on_unrouted = on_unrouted
+        self._pending: dict[str, _Request] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._failure: BaseException | None = None
+
+    def open(self) -> None:
+        ident = self.session.bsession
+        self._sockets = {
+            "shell": self.client.connect_shell(identity=ident),
+            "control": self.client.connect_control(identity=ident),
+            "stdin": self.client.connect_stdin(identity=ident),
+            "iopub": self.client.connect_iopub(),
+        }
+        for channel, sock in self._sockets.items():
+            self._tasks.append(asyncio.ensure_future(self._read(channel, sock)))
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self._tasks.clear()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+        self.fail(ConnectionLost("the connection was closed"))
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail every waiting request (and all later ones) with ``exc``."""
+        self._failure = exc
+        for req in list(self._pending.values()):
+            if not req.done.done():
+                req.done.set_exception(exc)
+        self._pending.clear()
+
+    def send(
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        on_message: MessageHook | None = None,
+        on_stdin: StdinHook | None = None,
+        wait_idle: bool | None = None,
+        header: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> asyncio.Future[Message]:
+        """Send a request; the returned future resolves to its reply when the request is done."""
+        if self._failure is not None:
+            raise self._failure
+        msg = self.session.msg(msg_type, content, metadata=metadata)
+        if header:
+            msg["header"].update(header)
+        msg_id = msg["header"]["msg_id"]
+        idle = channel == "shell" if wait_idle is None else wait_idle
+        req = _Request(msg_id, idle, on_message, on_stdin)
+        self._pending[msg_id] = req
+        req.done.add_done_callback(lambda _: self._pending.pop(msg_id, None))
+        self.session.send(self._sockets[channel], msg)
+        return req.done
+
+    def send_raw(self, channel: str, msg: Message) -> None:
+        """Send a message that expects no routed answer (comm_msg, input_reply)."""
+        if self._failure is not None:
+            raise self._failure
+        self.session.send(self._sockets[channel], msg)
+
+    async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            parts = await sock.recv_multipart()
+            try:
+                _, body = self.session.feed_identities(parts)
+                msg = self.session.deserialize(body)
+            except Exception:  # a message that fails its signature is dropped, not obeyed
+                continue
+            try:
+                self._dispatch(channel, msg)
+            except Exception:  # a faulty hook must not stop the reader
+                import traceback
+
+                traceback.print_exc()
+
+    def _dispatch(self, channel: str, msg: Message) -> None:
+        parent = msg.get("parent_header", {}).get("msg_id")
+        req = self._pending.get(parent) if parent else None
+        if req is None:
+            if self.on_unrouted is not None:
+                self.on_unrouted(channel, msg)
+            return
+        if req.on_message is not None:
+            req.on_message(channel, msg)
+        kind = msg["header"]["msg_type"]
+        if channel in ("shell", "control") and kind.endswith("_reply"):
+            req.reply = msg
+            req._maybe_finish()
+        elif kind == "status" and msg["content"]["execution_state"] == "idle":
+            req.idle = True
+            req._maybe_finish()
+        elif channel == "stdin" and kind == "input_request":
+            asyncio.ensure_future(self._answer_input(req, msg))
+
+    async def _answer_input(self, req: _Request, request: Message) -> None:
+        content = request["content"]
+        if req.on_stdin is None:
+            value = ""
+        else:
+            try:
+                answer = req.on_stdin(content.get("prompt", ""), bool(content.get("password")))
+                value = await answer if inspect.isawaitable(answer) else answer
+            except Exception as exc:
+                value = ""
+                with contextlib.suppress(Exception):
+                    self.send_raw("stdin", self.session.msg(
+                        "input_reply", {"status": "error", "value": "", "evalue": str(exc)},
+                        parent=request))
+                return
+        self.send_raw("stdin", self.session.msg("input_reply", {"value": value}, parent=request))

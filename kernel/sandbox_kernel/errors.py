@@ -1,0 +1,64 @@
+"""Errors a user can act on.
+
+Every message says what went wrong and what to do next, because these texts
+are what the CLI, the magics and the kernel show as one line.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Base of every error raised on purpose by sandbox-kernel."""
+
+
+class SessionNotFound(SandboxError, LookupError):
+    """No session has that id or name."""
+
+    def __init__(self, key: str):
+        super().__init__(
+            f"no session with id or name {key!r}; `sandbox-kernel list` shows the sessions"
+        )
+        self.key = key
+
+
+class SessionClosed(SandboxError):
+    """The session was closed; it cannot run code any more."""
+
+    def __init__(self, key: str):
+        super().__init__(f"session {key!r} is closed; create a new one")
+        self.key = key
+
+
+class SessionDead(SandboxError):
+    """The sandbox process ended without being asked to."""
+
+    def __init__(self, key: str, reason: str | None):
+        super().__init__(
+            f"session {key!r} is dead ({reason or 'reason unknown'}); "
+            f"close it with `sandbox-kernel close {key}` and create a new session"
+        )
+        self.key = key
+        self.reason = reason
+
+
+class InvalidArgument(SandboxError, ValueError):
+    """A name, limit, environment variable or other argument is not acceptable."""
+
+
+class NameTaken(InvalidArgument):
+    """Another live session already has that name."""
+
+    def __init__(self, name: str):
+        super().__init__(
+            f"a session named {name!r} already exists; attach to it with get({name!r}) "
+            "or choose another name"
+        )
+        self.name = name
+
+
+class StartFailed(SandboxError):
+    """The sandbox or its kernel could not be started."""
+
+
+class ExecutionTimeout(SandboxError, TimeoutError):
+    """A run took longer than its timeout; the kernel was interrupted."""

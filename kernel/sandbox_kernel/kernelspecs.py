@@ -1,0 +1,66 @@
+"""Which inner kernel a session's language runs, and what it must be able to read.
+
+A language is a kernelspec name, so that other kernels can follow Python.
+``"python"`` runs ipykernel with the configured interpreter; any other name
+is looked up with jupyter_client's KernelSpecManager, and the prefix of its
+executable is bound read-only into the sandbox.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from .errors import InvalidArgument
+from .sandbox.launcher import KernelCommand
+
+
+def kernel_command(language: str, python: str) -> KernelCommand:
+    if language == "python":
+        return KernelCommand(
+            argv=[python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            read_only=list(interpreter_prefixes(python)),
+        )
+    if language.startswith("sandbox-"):
+        raise InvalidArgument(f"language {language!r} is a sandbox kernel itself; use 'python'")
+    ksm = KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec(language)
+    except NoSuchKernel:
+        known = sorted({"python", *ksm.find_kernel_specs()} - {"python3"})
+        raise InvalidArgument(
+            f"unknown language {language!r}; available: {', '.join(known)}"
+        ) from None
+    argv = [a.replace("{resource_dir}", spec.resource_dir) for a in spec.argv]
+    exe = shutil.which(argv[0])
+    if exe is None:
+        raise InvalidArgument(f"kernel {language!r} needs {argv[0]!r}, which is not installed")
+    real = os.path.realpath(exe)
+    read_only = [spec.resource_dir, os.path.dirname(os.path.dirname(real))]
+    if os.path.basename(real).startswith("python"):
+        read_only += interpreter_prefixes(exe)
+    return KernelCommand(argv=[exe, *argv[1:]], read_only=read_only, env=dict(spec.env))
+
+
+@functools.cache
+def interpreter_prefixes(python: str) -> tuple[str, ...]:
+    """The directories an interpreter (and its venv) loads from."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    else:
+        code = "import sys,json;print(json.dumps([sys.prefix,sys.base_prefix,sys.exec_prefix]))"
+        try:
+            out = subprocess.run(
+                [python, "-c", code], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise InvalidArgument(f"cannot run the interpreter {python!r}: {exc}") from None
+        found = set(json.loads(out))
+    found.add(os.path.dirname(os.path.dirname(os.path.realpath(python))))
+    return tuple(sorted(found))

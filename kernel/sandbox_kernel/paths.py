@@ -1,0 +1,63 @@
+"""Where state lives on the host, and how one session's directory is laid out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+
+HOME_ENV = "SANDBOX_KERNEL_HOME"
+
+#: zmq's ipc:// endpoints are unix sockets, whose paths the kernel caps at 107 bytes.
+MAX_SOCKET_PATH = 107
+
+
+def default_home() -> Path:
+    """``$SANDBOX_KERNEL_HOME``, else ``sandbox-kernel`` in Jupyter's data directory."""
+    env = os.environ.get(HOME_ENV)
+    return Path(env) if env else Path(jupyter_data_dir()) / "sandbox-kernel"
+
+
+@dataclass(frozen=True)
+class SessionLayout:
+    """The host-side directories of one session; only ``root`` is ever bound into the sandbox.
+
+    ``work`` is the user's files and the kernel's cwd; ``tmp`` backs the
+    sandbox's /tmp; ``kernel`` holds the connection file and the ipc sockets;
+    ``etc`` the few generated files the sandbox sees in /etc. The session
+    directory also keeps the supervisor's plan, state and logs, which are not
+    bound.
+    """
+
+    root: Path
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def kernel(self) -> Path:
+        return self.root / "kernel"
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def connection_file(self) -> Path:
+        """The connection file as seen from the host, used by every client."""
+        return self.kernel / "client.json"
+
+    @property
+    def socket_prefix(self) -> Path:
+        return self.kernel / "k"
+
+    def make(self) -> None:
+        for d in (self.root, self.work, self.tmp, self.kernel, self.etc):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,0 +1,216 @@
+"""The SQLite registry: the one source of truth every process agrees on.
+
+Sessions outlive the processes that create them, so any process (a kernel
+after a restart, another notebook, the CLI, a sandbox's supervisor) reads and
+changes session state here. WAL lets readers proceed while one writer
+commits; status changes are compare-and-set so that two processes racing to
+close or mark a session dead cannot both win. Standard library only: the
+supervisor imports this module without site-packages.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    language TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    created REAL NOT NULL,
+    last_activity REAL NOT NULL,
+    timeout REAL,
+    tags TEXT NOT NULL DEFAULT '[]',
+    limits TEXT NOT NULL DEFAULT '{}',
+    env TEXT NOT NULL DEFAULT '{}',
+    isolation TEXT NOT NULL,
+    session_dir TEXT NOT NULL,
+    connection_file TEXT NOT NULL,
+    supervisor_pid INTEGER,
+    supervisor_started REAL,
+    execution_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name
+    ON sessions(name) WHERE status NOT IN ('closed');
+CREATE INDEX IF NOT EXISTS sessions_status ON sessions(status);
+CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    execution_count INTEGER,
+    code TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started REAL NOT NULL,
+    timing TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS executions_session ON executions(session_id, id);
+"""
+
+#: Statuses in which a sandbox process is expected to exist.
+LIVE_STATUSES = ("starting", "running")
+_JSON_COLUMNS = ("tags", "limits", "env")
+
+
+class Registry:
+    """A thread-safe handle on the registry database of one state directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                # executescript manages its own transaction: make it one, all or nothing.
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: take the write lock up front so check-then-write is atomic."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    # -- sessions ---------------------------------------------------------
+
+    def insert_session(self, row: dict[str, Any]) -> None:
+        """Insert a new session; raises sqlite3.IntegrityError when the name is taken."""
+        row = _encode(row)
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.transaction() as db:
+            db.execute(f"INSERT INTO sessions ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        return _decode(row)
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        """A session by id, else the live session of that name, else the newest of that name."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM sessions WHERE id=? OR name=? "
+                "ORDER BY id=? DESC, status='closed' ASC, created DESC LIMIT 1",
+                (key, key, key),
+            ).fetchone()
+        return _decode(row)
+
+    def sessions(
+        self, status: str | Iterable[str] | None = None, tags: Iterable[str] | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            where.append(f"status IN ({', '.join('?' for _ in statuses)})")
+            args += statuses
+        for tag in tags or ():
+            where.append("EXISTS (SELECT 1 FROM json_each(sessions.tags) WHERE value=?)")
+            args.append(tag)
+        sql = "SELECT * FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created", args).fetchall()
+        return [_decode(r) for r in rows]
+
+    def update(self, session_id: str, **fields: Any) -> None:
+        fields = _encode(fields)
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE sessions SET {sets} WHERE id=?", (*fields.values(), session_id))
+
+    def transition(
+        self,
+        session_id: str,
+        to: str,
+        *,
+        allowed_from: Iterable[str],
+        reason: str | None = None,
+    ) -> bool:
+        """Move a session to ``to`` only if it is in one of ``allowed_from``; True if it moved."""
+        allowed = list(allowed_from)
+        marks = ", ".join("?" for _ in allowed)
+        with self.transaction() as db:
+            cur = db.execute(
+                f"UPDATE sessions SET status=?, reason=? WHERE id=? AND status IN ({marks})",
+                (to, reason, session_id, *allowed),
+            )
+            return cur.rowcount == 1
+
+    # -- executions -------------------------------------------------------
+
+    def record_execution(
+        self,
+        session_id: str,
+        code: str,
+        status: str,
+        execution_count: int | None,
+        started: float,
+        timing: dict[str, float],
+    ) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO executions (session_id, execution_count, code, status, started, "
+                "timing) VALUES (?, ?, ?, ?, ?, ?)",
+                (session_id, execution_count, code, status, started, json.dumps(timing)),
+            )
+            db.execute(
+                "UPDATE sessions SET last_activity=?, "
+                "execution_count=MAX(execution_count, COALESCE(?, 0)) WHERE id=?",
+                (now, execution_count, session_id),
+            )
+
+    def executions(self, session_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM executions WHERE session_id=? ORDER BY id", (session_id,)
+            ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["timing"] = json.loads(d["timing"])
+            out.append(d)
+        return out
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()}
+
+
+def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    d = dict(row)
+    for k in _JSON_COLUMNS:
+        d[k] = json.loads(d[k])
+    return d

@@ -1,0 +1,1 @@
+"""How a sandbox process is started, confined and watched."""

@@ -1,0 +1,240 @@
+"""How the sandbox process is started: confined by bubblewrap, or as a plain process.
+
+A launcher turns "run this kernel command for this session" into a
+:class:`LaunchPlan`, the argv and environment that the supervisor executes.
+Launchers are traitlets ``Configurable``s (like ipyparallel's launchers and
+jupyter_client's provisioners) so that what is bound, and how, is
+configuration rather than code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from traitlets import Bool, Int, List, Unicode
+from traitlets.config import LoggingConfigurable
+
+from ..paths import SessionLayout
+
+#: Where the session's directories appear inside a bwrap sandbox.
+INSIDE_WORK = "/home/sandbox"
+INSIDE_KERNEL = "/run/kernel"
+INSIDE_TMP = "/tmp"
+SANDBOX_UID = 1000
+
+
+@dataclass
+class KernelCommand:
+    """What to run in the sandbox, and which host directories it needs to read."""
+
+    argv: list[str]
+    read_only: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    isolation: str
+    #: The connection file's path and socket prefix as the kernel sees them.
+    kernel_connection_file: str
+    kernel_socket_prefix: str
+    work_dir_inside: str
+
+
+def base_env(home: str, tmp: str, path_dirs: Sequence[str]) -> dict[str, str]:
+    """A clean environment: nothing of the host's leaks in."""
+    return {
+        "PATH": ":".join([*path_dirs, "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": home,
+        "TMPDIR": tmp,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        # Tool state goes to /tmp so it does not show up among the user's files.
+        "IPYTHONDIR": f"{tmp}/.ipython",
+        "MPLCONFIGDIR": f"{tmp}/.config/matplotlib",
+        "XDG_CACHE_HOME": f"{tmp}/.cache",
+        "XDG_CONFIG_HOME": f"{tmp}/.config",
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "JUPYTER_RUNTIME_DIR": f"{tmp}/.jupyter/runtime",
+        "JUPYTER_DATA_DIR": f"{tmp}/.jupyter/data",
+    }
+
+
+class SandboxLauncher(LoggingConfigurable):
+    """A plain process: no namespaces, only the rlimits and cgroups the supervisor applies."""
+
+    isolation = "process"
+
+    def available(self) -> bool:
+        return True
+
+    def plan(
+        self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str]
+    ) -> LaunchPlan:
+        conn = str(layout.kernel / "kernel.json")
+        env = base_env(str(layout.work), str(layout.tmp), _bin_dirs(command))
+        env.update(command.env)
+        env.update(user_env)
+        return LaunchPlan(
+            argv=[a.replace("{connection_file}", conn) for a in command.argv],
+            env=env,
+            cwd=str(layout.work),
+            isolation=self.isolation,
+            kernel_connection_file=conn,
+            kernel_socket_prefix=str(layout.socket_prefix),
+            work_dir_inside=str(layout.work),
+        )
+
+
+class BwrapLauncher(SandboxLauncher):
+    """bubblewrap: new user, pid, net, ipc and uts namespaces over a minimal filesystem.
+
+    Only what the kernel needs is bound, read-only: ``/usr`` and its
+    top-level links, a handful of files from ``/etc``, and the interpreter's
+    prefixes. Never ``/``, the host's home, or the state directory: when the
+    host user is root the sandbox's uid maps to root outside, so anything
+    bound is readable. The session directory's parts are the only writable
+    places.
+    """
+
+    isolation = "bwrap"
+
+    bwrap = Unicode("bwrap", help="The bubblewrap executable.").tag(config=True)
+    etc_files = List(
+        Unicode(),
+        default_value=[
+            "/etc/alternatives", "/etc/ca-certificates", "/etc/fonts", "/etc/ld.so.cache",
+            "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/mime.types",
+            "/etc/nsswitch.conf", "/etc/ssl",
+        ],
+        help="Host files under /etc bound read-only when they exist.",
+    ).tag(config=True)
+    extra_read_only = List(
+        Unicode(), help="More host paths to bind read-only at the same place."
+    ).tag(config=True)
+    share_network = Bool(
+        False, help="Keep the host's network (off: the sandbox has only its own loopback)."
+    ).tag(config=True)
+    uid = Int(SANDBOX_UID, help="The user id inside the sandbox.").tag(config=True)
+    hidden = List(
+        Unicode(),
+        help="Host paths hidden under an empty tmpfs when they fall inside a bound directory "
+        "(the manager adds its state directory).",
+    ).tag(config=True)
+
+    def available(self) -> bool:
+        return _bwrap_works(shutil.which(self.bwrap) or "")
+
+    def plan(
+        self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str]
+    ) -> LaunchPlan:
+        write_etc(layout.etc, self.uid)
+        conn = f"{INSIDE_KERNEL}/kernel.json"
+        args = [
+            shutil.which(self.bwrap) or self.bwrap,
+            "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try",
+            *([] if self.share_network else ["--unshare-net"]),
+            "--uid", str(self.uid), "--gid", str(self.uid),
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--hostname", "sandbox",
+            "--ro-bind", "/usr", "/usr",
+        ]
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        for path in self.etc_files:
+            args += ["--ro-bind-try", path, path]
+        for name in ("passwd", "group", "hosts", "hostname"):
+            args += ["--ro-bind", str(layout.etc / name), f"/etc/{name}"]
+        bound = []
+        for path in _outermost([*command.read_only, *self.extra_read_only]):
+            if not _under(path, ["/usr"]):
+                args += ["--ro-bind", path, path]
+                bound.append(path)
+        for path in self.hidden:
+            if _under(path, [*bound, "/usr"]):
+                args += ["--tmpfs", path]
+        args += [
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--tmpfs", "/dev/shm",
+            "--bind", str(layout.tmp), INSIDE_TMP,
+            "--bind", str(layout.kernel), INSIDE_KERNEL,
+            "--bind", str(layout.work), INSIDE_WORK,
+            "--remount-ro", "/",
+            "--chdir", INSIDE_WORK,
+            "--",
+        ]
+        env = base_env(INSIDE_WORK, INSIDE_TMP, _bin_dirs(command))
+        env.update(command.env)
+        env.update(user_env)
+        return LaunchPlan(
+            argv=args + [a.replace("{connection_file}", conn) for a in command.argv],
+            env=env,
+            cwd="/",
+            isolation=self.isolation,
+            kernel_connection_file=conn,
+            kernel_socket_prefix=f"{INSIDE_KERNEL}/k",
+            work_dir_inside=INSIDE_WORK,
+        )
+
+
+def write_etc(etc: Path, uid: int) -> None:
+    """The identity files the sandbox sees: its own user, nothing of the host's."""
+    files = {
+        "passwd": f"root:x:0:0:root:/root:/bin/sh\n"
+        f"sandbox:x:{uid}:{uid}:sandbox:{INSIDE_WORK}:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n",
+        "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost ip6-loopback\n",
+        "hostname": "sandbox\n",
+    }
+    for name, text in files.items():
+        (etc / name).write_text(text)
+
+
+def _bin_dirs(command: KernelCommand) -> list[str]:
+    return [os.path.dirname(command.argv[0])] if os.path.isabs(command.argv[0]) else []
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _outermost(paths: Sequence[str]) -> list[str]:
+    """Drop paths that lie inside another path of the list; bind each tree once."""
+    unique = sorted({os.path.normpath(p) for p in paths if p and os.path.exists(p)})
+    out: list[str] = []
+    for p in unique:
+        if not _under(p, out):
+            out.append(p)
+    return out
+
+
+@functools.cache
+def _bwrap_works(path: str) -> bool:
+    """bwrap can be installed and still refused user namespaces (containers, sysctls)."""
+    if not path:
+        return False
+    try:
+        result = subprocess.run(
+            [path, "--unshare-user", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/",
+             "--", "/bin/true"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0

@@ -1,0 +1,228 @@
+"""The watchdog that lives next to each sandbox.
+
+Sessions persist without a daemon: the manager starts one supervisor per
+session, fully detached (double fork, own session), and returns. The
+supervisor puts the sandbox into its cgroups and rlimits, starts it, and
+waits. When the sandbox ends without being asked to, the supervisor records
+why (exit code, signal, out-of-memory kill) in the registry, so no client
+ever waits on a kernel that is gone. When asked to stop (SIGTERM) it kills
+the whole sandbox, process group and cgroups included, and cleans up.
+
+It runs as ``python -I -S`` with only the standard library, so that it
+starts in a few milliseconds and never depends on the environment the user
+code can change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.registry import Registry
+from sandbox_kernel.sandbox.cgroups import Cgroups
+
+PLAN_FILE = "launch.json"
+STATE_FILE = "supervisor.json"
+EXIT_FILE = "exit.json"
+KERNEL_LOG = "kernel.log"
+TICK_SECONDS = 5.0
+
+_RLIMITS = {
+    "memory": resource.RLIMIT_AS,
+    "file_size": resource.RLIMIT_FSIZE,
+    "open_files": resource.RLIMIT_NOFILE,
+    "processes": resource.RLIMIT_NPROC,
+}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def describe_exit(returncode: int, via_bwrap: bool, oom: bool, memory: int | None) -> str:
+    """Say in words how the sandbox ended, as users will read it."""
+    if oom:
+        limit = f" of {memory / 1024**3:.1f} GiB" if memory else ""
+        return f"killed by the out-of-memory killer: the session's memory limit{limit} was reached"
+    signum = -returncode if returncode < 0 else None
+    if via_bwrap and returncode > 128:
+        signum = returncode - 128  # bwrap reports a signalled child as 128+signal
+    if signum:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"the kernel was killed by {name}"
+    return f"the kernel exited with code {returncode}"
+
+
+def _last_log_line(session_dir: Path) -> str:
+    try:
+        with open(session_dir / KERNEL_LOG, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:300] if lines else ""
+
+
+class Supervisor:
+    def __init__(self, session_dir: Path):
+        self.session_dir = session_dir
+        self.plan = json.loads((session_dir / PLAN_FILE).read_text())
+        self.limits: dict[str, int] = self.plan["limits"]
+        self.stopping = False
+        self.child: subprocess.Popen[bytes] | None = None
+        self.cgroups = Cgroups()
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        enforcement = self._confine()
+        log = open(self.session_dir / KERNEL_LOG, "ab")  # noqa: SIM115 - handed to the child
+        self.child = subprocess.Popen(
+            self.plan["argv"],
+            env=self.plan["env"],
+            cwd=self.plan["cwd"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=self._enter_limits,
+        )
+        log.close()
+        write_json_atomic(
+            self.session_dir / STATE_FILE,
+            {
+                "pid": os.getpid(),
+                "sandbox_pid": self.child.pid,
+                "enforcement": enforcement,
+                "cgroups": self.cgroups.dirs,
+            },
+        )
+        self._wait()
+        returncode = self.child.wait()
+        oom = self.cgroups.oom_killed()
+        reason = describe_exit(returncode, self.plan["bwrap"], oom, self.limits.get("memory"))
+        if returncode not in (0,) and not oom and not self.stopping:
+            hint = _last_log_line(self.session_dir)
+            if hint:
+                reason += f"; its log ends: {hint}"
+        write_json_atomic(
+            self.session_dir / EXIT_FILE,
+            {"returncode": returncode, "reason": reason, "stopped": self.stopping,
+             "time": time.time()},
+        )
+        if not self.stopping:
+            with contextlib.suppress(Exception):
+                Registry(self.plan["registry"]).transition(
+                    self.plan["session_id"], "dead",
+                    allowed_from=("starting", "running"), reason=reason,
+                )
+        self._kill_group()
+        self.cgroups.remove()
+        return 0
+
+    def _confine(self) -> dict[str, str]:
+        """Create the cgroups; say, per limit, what enforces it."""
+        self.cgroups = Cgroups.create(
+            f"sandbox-kernel-{self.plan['session_id']}",
+            memory=self.limits.get("memory"),
+            processes=self.limits.get("processes"),
+        )
+        has = self.cgroups.dirs
+        root = os.getuid() == 0
+        return {
+            "memory": "cgroup+rlimit" if "memory" in has else "rlimit",
+            "processes": "cgroup" if "pids" in has else (
+                "none (RLIMIT_NPROC does not bind root)" if root else "rlimit"
+            ),
+            "file_size": "rlimit",
+            "open_files": "rlimit",
+        }
+
+    def _enter_limits(self) -> None:
+        """Runs in the child between fork and exec: join the cgroups, set rlimits."""
+        self.cgroups.add(os.getpid())
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files in the work dir
+        for name, which in _RLIMITS.items():
+            value = self.limits.get(name)
+            if value is None or (name == "processes" and "pids" in self.cgroups.dirs):
+                continue
+            resource.setrlimit(which, (value, value))
+
+    def _wait(self) -> None:
+        assert self.child is not None
+        pidfd = os.pidfd_open(self.child.pid)
+        try:
+            while not select.select([pidfd], [], [], TICK_SECONDS)[0]:
+                pass
+        finally:
+            os.close(pidfd)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        if self.child is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.child.pid, signal.SIGKILL)
+        self.cgroups.kill()
+
+
+def daemonize(session_dir: Path) -> None:
+    """Fork; the parent prints the child's pid and exits, so nobody has to reap us."""
+    pid = os.fork()
+    if pid:
+        sys.stdout.write(f"{pid}\n")
+        sys.stdout.flush()
+        os._exit(0)
+    os.setsid()
+    log = os.open(session_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+
+
+def main(argv: list[str]) -> int:
+    session_dir = Path(argv[0])
+    daemonize(session_dir)
+    try:
+        return Supervisor(session_dir).run()
+    except Exception as exc:  # the manager reads this file to explain the failure
+        import traceback
+
+        traceback.print_exc()
+        write_json_atomic(
+            session_dir / EXIT_FILE,
+            {"returncode": None, "reason": f"the supervisor failed: {exc}", "stopped": False,
+             "time": time.time()},
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,348 @@
+"""A session: one sandboxed kernel, reachable from any process that can read the registry.
+
+:class:`AsyncSession` is the core; :class:`Session` is its blocking face. A
+session object is a cheap handle: it connects to the kernel on first use
+("attach"), and watches the sandbox's supervisor with a pidfd so that a
+sandbox that dies fails waiting requests at once instead of leaving them to
+hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import portal
+from .connection import ConnectionLost, KernelConnection
+from .errors import ExecutionTimeout, SessionClosed, SessionDead, StartFailed
+from .result import ExecutionResult, output_from_message
+from .timing import Timing
+
+if TYPE_CHECKING:
+    from .manager import SessionManager
+
+OutputHook = Callable[[dict[str, Any]], None]
+StdinHook = Callable[[str, bool], "str | Awaitable[str]"]
+
+#: ipc socket suffixes used in every connection file we write.
+PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+
+
+class AsyncSession:
+    def __init__(self, manager: SessionManager, row: dict[str, Any]):
+        self.manager = manager
+        self.id: str = row["id"]
+        self.name: str = row["name"]
+        self.language: str = row["language"]
+        self._row = row
+        self._conn: KernelConnection | None = None
+        self._attach_lock = asyncio.Lock()
+        self._watch_fd: int | None = None
+        self._gone: BaseException | None = None
+        self._opening: KernelConnection | None = None
+        #: Called with (channel, message) for kernel messages no request of ours claims.
+        self.on_unrouted: Callable[[str, dict[str, Any]], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} id={self.id}>"
+
+    # -- state --------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """What the registry knows of this session, checked against the living processes."""
+        return self.manager._info(self.manager._refresh(self.id))
+
+    @property
+    def status(self) -> str:
+        return self.manager._refresh(self.id)["status"]
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self._row["session_dir"]) / "work"
+
+    def executions(self) -> list[dict[str, Any]]:
+        """Every recorded run of this session, oldest first."""
+        return self.manager.registry.executions(self.id)
+
+    # -- running code -------------------------------------------------------
+
+    async def run(
+        self,
+        code: str,
+        timeout: float | None = None,
+        on_output: OutputHook | None = None,
+        on_stdin: StdinHook | None = None,
+    ) -> ExecutionResult:
+        """Run ``code`` in the session's kernel and collect what it produced.
+
+        ``on_output`` receives each output (nbformat-shaped dict) as it
+        arrives. ``on_stdin(prompt, password)`` answers ``input()``; without
+        it, ``input()`` raises in the sandbox. On ``timeout`` the kernel is
+        interrupted and :class:`ExecutionTimeout` carries the partial result.
+        """
+        timing = Timing()
+        conn = await self._ensure_attached(timing)
+        outputs: list[dict[str, Any]] = []
+
+        def on_message(channel: str, msg: dict[str, Any]) -> None:
+            if channel == "iopub":
+                out = output_from_message(msg)
+                if out is not None:
+                    outputs.append(out)
+                    if on_output is not None:
+                        on_output(out)
+
+        started = time.time()
+        content = {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": on_stdin is not None, "stop_on_error": True,
+        }
+        with timing.stage("execute"):
+            fut = conn.send("shell", "execute_request", content,
+                            on_message=on_message, on_stdin=on_stdin)
+            try:
+                reply = await self._wait(fut, timeout)
+            except TimeoutError:
+                reply = await self._interrupt_after_timeout(fut, timeout)
+                result = self._result(reply, outputs, timing.finish())
+                self._record(code, "timeout", result, started)
+                raise ExecutionTimeout(
+                    f"the code ran longer than {timeout:g} s and was interrupted; "
+                    "the session is still usable"
+                ) from None
+        result = self._result(reply, outputs, timing.finish())
+        self._record(code, result.status, result, started)
+        return result
+
+    async def interrupt(self) -> None:
+        """Interrupt the running code, as Ctrl-C would (KeyboardInterrupt in the sandbox)."""
+        conn = await self._ensure_attached(Timing())
+        await self._wait(conn.send("control", "interrupt_request", {}, wait_idle=False), 10)
+
+    async def close(self) -> None:
+        await self.manager._async_close(self.id)
+
+    # -- internals ----------------------------------------------------------
+
+    async def _wait(self, fut: asyncio.Future[Any], timeout: float | None) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except ConnectionLost:
+            raise self._gone or SessionDead(
+                self.name, "the connection to its kernel was lost"
+            ) from None
+
+    async def _interrupt_after_timeout(
+        self, fut: asyncio.Future[Any], timeout: float | None
+    ) -> dict[str, Any]:
+        await self.interrupt()
+        grace = self.manager.interrupt_grace
+        try:
+            return await self._wait(fut, grace)
+        except TimeoutError:
+            raise ExecutionTimeout(
+                f"the code ran longer than {timeout:g} s and did not stop within {grace:g} s "
+                f"of an interrupt; close the session with `sandbox-kernel close {self.name}`"
+            ) from None
+
+    def _result(
+        self, reply: dict[str, Any], outputs: list[dict[str, Any]], timing: Timing
+    ) -> ExecutionResult:
+        c = reply["content"]
+        status = c.get("status", "error")
+        error = None
+        if status == "error":
+            error = {k: c.get(k) for k in ("ename", "evalue", "traceback")}
+        elif status == "aborted":
+            status = "error"
+            error = {"ename": "Aborted", "evalue": "an earlier cell failed", "traceback": []}
+        return ExecutionResult(
+            status=status, execution_count=c.get("execution_count"), outputs=outputs,
+            error=error, timing=dict(timing),
+        )
+
+    def _record(self, code: str, status: str, result: ExecutionResult, started: float) -> None:
+        self.manager.registry.record_execution(
+            self.id, code, status, result.execution_count, started, result.timing
+        )
+
+    async def _ensure_attached(self, timing: Timing) -> KernelConnection:
+        if self._conn is not None:
+            return self._conn
+        async with self._attach_lock:
+            if self._conn is not None:
+                return self._conn
+            row = self.manager._refresh(self.id)
+            self._row = row
+            if row["status"] == "closed":
+                raise SessionClosed(self.name)
+            if row["status"] == "dead":
+                raise SessionDead(self.name, row["reason"])
+            stage = "start" if row["status"] == "starting" else "attach"
+            with timing.stage(stage):
+                self._conn = await self._attach(row)
+            return self._conn
+
+    async def _attach(self, row: dict[str, Any]) -> KernelConnection:
+        """Connect, and prove the kernel answers and its iopub reaches us."""
+        deadline = time.monotonic() + self.manager.start_timeout
+        self._gone = None
+        self._watch(row)
+        prefix = Path(row["session_dir"]) / "kernel" / "k"
+        sockets = [Path(f"{prefix}-{PORTS[p]}") for p in
+                   ("shell_port", "iopub_port", "stdin_port", "control_port")]
+        while not all(s.exists() for s in sockets):
+            self._check_gone(row)
+            if time.monotonic() > deadline:
+                raise self._start_timed_out(row)
+            await asyncio.sleep(0.003)
+        conn = KernelConnection(row["connection_file"], on_unrouted=self._unrouted)
+        conn.open()
+        self._opening = conn
+        try:
+            while True:
+                self._check_gone(row)
+                fut = conn.send("shell", "kernel_info_request", {})
+                try:
+                    await self._wait(fut, min(2.0, max(0.01, deadline - time.monotonic())))
+                    break
+                except TimeoutError:
+                    fut.cancel()
+                    if time.monotonic() > deadline:
+                        raise self._start_timed_out(row) from None
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self._opening = None
+        if row["status"] == "starting":
+            self.manager.registry.transition(self.id, "running", allowed_from=("starting",))
+        return conn
+
+    def _unrouted(self, channel: str, msg: dict[str, Any]) -> None:
+        if self.on_unrouted is not None:
+            self.on_unrouted(channel, msg)
+
+    def _check_gone(self, row: dict[str, Any]) -> None:
+        if self._gone is not None:
+            raise self._gone
+
+    def _start_timed_out(self, row: dict[str, Any]) -> StartFailed:
+        return StartFailed(
+            f"session {self.name!r}: the kernel did not answer within "
+            f"{self.manager.start_timeout:g} s; its log is {row['session_dir']}/kernel.log"
+        )
+
+    def _watch(self, row: dict[str, Any]) -> None:
+        """Be told the moment the sandbox's supervisor exits (a pidfd becomes readable)."""
+        if self._watch_fd is not None:
+            return
+        pid = self.manager._supervisor_pid(row)
+        if pid is None:
+            self._on_gone()
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._on_gone()
+            return
+        self._watch_fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_gone)
+
+    def _on_gone(self) -> None:
+        if self._watch_fd is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._watch_fd)
+            os.close(self._watch_fd)
+            self._watch_fd = None
+        row = self.manager._refresh(self.id, supervisor_gone=True)
+        if row["status"] == "closed":
+            self._gone = SessionClosed(self.name)
+        else:
+            self._gone = SessionDead(self.name, row["reason"])
+        conn, self._conn = self._conn or self._opening, None
+        if conn is not None:
+            conn.fail(self._gone)
+            conn.close()
+
+    def _detach(self) -> None:
+        """Drop the connection and the watch (the session itself is untouched)."""
+        if self._watch_fd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._watch_fd)
+            os.close(self._watch_fd)
+            self._watch_fd = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Session:
+    """The blocking face of :class:`AsyncSession`; callbacks run on the portal thread."""
+
+    def __init__(self, inner: AsyncSession):
+        self._inner = inner
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    @property
+    def language(self) -> str:
+        return self._inner.language
+
+    @property
+    def status(self) -> str:
+        return self._inner.status
+
+    @property
+    def work_dir(self) -> Path:
+        return self._inner.work_dir
+
+    @property
+    def async_session(self) -> AsyncSession:
+        return self._inner
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name!r} id={self.id}>"
+
+    def info(self) -> dict[str, Any]:
+        return self._inner.info()
+
+    def executions(self) -> list[dict[str, Any]]:
+        return self._inner.executions()
+
+    def run(
+        self,
+        code: str,
+        timeout: float | None = None,
+        on_output: OutputHook | None = None,
+        on_stdin: StdinHook | None = None,
+    ) -> ExecutionResult:
+        """Run ``code``; Ctrl-C while waiting interrupts the sandbox, then re-raises."""
+        fut = portal.submit(self._inner.run(code, timeout, on_output, on_stdin))
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                portal.call(self._inner.interrupt(), timeout=10)
+                fut.result(timeout=self._inner.manager.interrupt_grace)
+            raise
+        except concurrent.futures.CancelledError:
+            raise SessionDead(self.name, "the run was cancelled") from None
+
+    def interrupt(self) -> None:
+        portal.call(self._inner.interrupt())
+
+    def close(self) -> None:
+        portal.call(self._inner.close())
