@@ -87,6 +87,7 @@ class KernelConnection:
         for req in list(self._pending.values()):
             if not req.done.done():
                 req.done.set_exception(exc)
+                req.done.exception()  # awaiting callers still get it; nobody else must
         self._pending.clear()
 
     def send(

@@ -57,7 +57,7 @@ def interpreter_prefixes(python: str) -> tuple[str, ...]:
         code = "import sys,json;print(json.dumps([sys.prefix,sys.base_prefix,sys.exec_prefix]))"
         try:
             out = subprocess.run(
-                [python, "-c", code], capture_output=True, text=True, timeout=30, check=True
+                [python, "-c", code], capture_output=True, text=True, timeout=10, check=True
             ).stdout
         except (OSError, subprocess.SubprocessError) as exc:
             raise InvalidArgument(f"cannot run the interpreter {python!r}: {exc}") from None

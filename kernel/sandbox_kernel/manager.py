@@ -262,11 +262,21 @@ class SessionManager(LoggingConfigurable):
             try:
                 await session._ensure_attached(_NoTiming())
             except BaseException as exc:
-                await self._async_close(session_id, keep_files=True)
-                if isinstance(exc, StartFailed):
-                    raise
-                raise StartFailed(f"session {name!r} did not start: {exc}") from exc
+                failure = exc if isinstance(exc, StartFailed) else StartFailed(
+                    f"session {name!r} did not start: {exc}")
+                await self._abandon(session, str(failure))
+                raise failure from exc
         return session
+
+    async def _abandon(self, session: AsyncSession, reason: str) -> None:
+        """A sandbox that failed to start: stop it, keep its files (and log) for a look."""
+        self.registry.transition(session.id, "dead", allowed_from=LIVE_STATUSES, reason=reason)
+        self._sessions.pop(session.id, None)
+        session._detach()
+        row = self.registry.session(session.id)
+        pid = self._supervisor_pid(row) if row else None
+        if pid is not None:
+            await _stop_process(pid, self.close_timeout)
 
     def _spawn_supervisor(self, session_dir: Path) -> tuple[int, float]:
         package_root = str(Path(__file__).resolve().parent.parent)
@@ -305,7 +315,7 @@ class SessionManager(LoggingConfigurable):
             self._refresh(row["id"])
         return [self._handle(r) for r in self.registry.sessions(status=status, tags=tags)]
 
-    async def _async_close(self, key: str, keep_files: bool = False) -> None:
+    async def _async_close(self, key: str) -> None:
         """Stop the sandbox and remove the session's files; the registry keeps its history."""
         row = self.registry.find(key)
         if row is None:
@@ -320,8 +330,7 @@ class SessionManager(LoggingConfigurable):
         pid = self._supervisor_pid(row)
         if pid is not None:
             await _stop_process(pid, self.close_timeout)
-        if not keep_files:
-            shutil.rmtree(row["session_dir"], ignore_errors=True)
+        shutil.rmtree(row["session_dir"], ignore_errors=True)
 
     # -- the blocking face ----------------------------------------------------
 
@@ -352,6 +361,13 @@ class SessionManager(LoggingConfigurable):
     def close(self, key: str) -> None:
         """Stop the session's sandbox and delete its files."""
         portal.call(self._async_close(key))
+
+    def get_info(self, key: str) -> dict[str, Any]:
+        """A session's info by id or name, closed sessions included."""
+        row = self.registry.find(key)
+        if row is None:
+            raise SessionNotFound(key)
+        return self._info(self._refresh(row["id"]))
 
 
 class AsyncSessionManager(SessionManager):

@@ -24,8 +24,8 @@ def default_home() -> Path:
 class SessionLayout:
     """The host-side directories of one session; only ``root`` is ever bound into the sandbox.
 
-    ``work`` is the user's files and the kernel's cwd; ``tmp`` backs the
-    sandbox's /tmp; ``kernel`` holds the connection file and the ipc sockets;
+    ``work`` is the user's files and the kernel's cwd; ``tmp`` backs /tmp
+    for unconfined (process) sandboxes; ``kernel`` holds the connection file and the ipc sockets;
     ``etc`` the few generated files the sandbox sees in /etc. The session
     directory also keeps the supervisor's plan, state and logs, which are not
     bound.

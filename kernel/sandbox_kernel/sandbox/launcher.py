@@ -171,7 +171,9 @@ class BwrapLauncher(SandboxLauncher):
             "--proc", "/proc",
             "--dev", "/dev",
             "--tmpfs", "/dev/shm",
-            "--bind", str(layout.tmp), INSIDE_TMP,
+            # /tmp lives in memory, charged to the session's memory cgroup: on the host
+            # disk the sandbox writes only its work directory and its kernel's sockets.
+            "--tmpfs", INSIDE_TMP,
             "--bind", str(layout.kernel), INSIDE_KERNEL,
             "--bind", str(layout.work), INSIDE_WORK,
             "--remount-ro", "/",

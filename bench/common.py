@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: statistics and the result table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class Row:
+    metric: str
+    ours: float
+    peer: float
+    peer_name: str
+    unit: str
+    target: str
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.peer if self.peer else float("nan")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def print_table(rows: list[Row]) -> None:
+    head = ("metric", "ours", "peer", "peer is", "ratio", "target")
+    lines = [head] + [
+        (r.metric, f"{r.ours:.2f} {r.unit}", f"{r.peer:.2f} {r.unit}", r.peer_name,
+         f"{r.ratio:.2f}x", r.target)
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def save(rows: list[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))

@@ -1,0 +1,39 @@
+"""Run the benchmarks and print one table: ours, the peer's figure from the same run, the ratio.
+
+Usage: python bench/run.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_core import bench_create, bench_run  # noqa: E402
+from common import print_table, save  # noqa: E402
+from sandbox_kernel import SessionManager  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="skb-", dir="/tmp"))
+    manager = SessionManager(home=str(home))
+    try:
+        rows = bench_create(manager, rounds=2 if args.quick else 7)
+        rows += bench_run(manager, rounds=100 if args.quick else 600)
+    finally:
+        for s in manager.list(status=["starting", "running", "dead"]):
+            manager.close(s.id)
+        shutil.rmtree(home, ignore_errors=True)
+    print_table(rows)
+    save(rows, Path(__file__).resolve().parent / "results" / "latest.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The ``sandbox-kernel`` command (also ``jupyter sandbox``).
+
+Built as Jupyter applications with subcommands, like ``jupyter kernelspec``,
+so the same configuration (``jupyter_sandbox_config.py``, ``--SessionManager.*``
+flags) reaches the manager from the command line. Errors print as one line
+and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import Any
+
+from jupyter_core.application import JupyterApp
+from traitlets import Bool, Float, List, Unicode
+
+from .errors import SandboxError
+from .manager import SessionManager
+from .sandbox.launcher import BwrapLauncher
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Command(JupyterApp):
+    """Shared by the subcommands: the manager, JSON output, one-line errors."""
+
+    name = "jupyter-sandbox"
+    version = "0.1.0"
+    classes = [SessionManager, BwrapLauncher]
+    json = Bool(False, help="Print JSON instead of text.").tag(config=True)
+    flags = {
+        **JupyterApp.flags,
+        "json": ({"_Command": {"json": True}}, "Print JSON instead of text."),
+    }
+    usage = ""
+
+    def manager(self) -> SessionManager:
+        return SessionManager(parent=self)
+
+    def positional(self, count: int, names: str) -> list[str]:
+        if len(self.extra_args) != count:
+            self.fail(f"usage: sandbox-kernel {self.usage or self.name.split()[-1]} {names}")
+        return list(self.extra_args)
+
+    def fail(self, message: str) -> None:
+        print(f"sandbox-kernel: error: {message}", file=sys.stderr)
+        self.exit(1)
+
+    def start(self) -> None:
+        try:
+            self.run()
+        except SandboxError as exc:
+            self.fail(str(exc))
+        except KeyboardInterrupt:
+            self.exit(130)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class ListCommand(_Command):
+    description = "List sessions: name, id, status, language, isolation, age, last activity."
+    usage = "list"
+    status = Unicode(None, allow_none=True, help="Only sessions with this status.").tag(
+        config=True)
+    tags = List(Unicode(), help="Only sessions with all these tags.").tag(config=True)
+    aliases = {"status": "ListCommand.status", "tag": "ListCommand.tags"}
+
+    def run(self) -> None:
+        self.positional(0, "")
+        infos = [s.info() for s in self.manager().list(status=self.status, tags=self.tags or None)]
+        if self.json:
+            print(json.dumps(infos, indent=2))
+            return
+        if not infos:
+            print("no sessions; create one with `sandbox-kernel create NAME`")
+            return
+        rows = [("NAME", "ID", "STATUS", "LANGUAGE", "ISOLATION", "AGE", "IDLE", "RUNS")]
+        now = time.time()
+        for i in infos:
+            rows.append((i["name"], i["id"], i["status"], i["language"], i["isolation"],
+                         _ago(now - i["created"]), _ago(now - i["last_activity"]),
+                         str(i["execution_count"])))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+class InfoCommand(_Command):
+    description = "Show one session's details."
+    usage = "info"
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME")
+        info = self.manager().get_info(key)
+        if self.json:
+            print(json.dumps(info, indent=2))
+            return
+        for k, v in info.items():
+            if v is None:
+                v = "-"
+            elif isinstance(v, dict):
+                v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+            elif isinstance(v, list):
+                v = ", ".join(map(str, v)) or "-"
+            elif k in ("created", "last_activity") and v:
+                v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+            print(f"{k + ':':16}{v}")
+
+
+class CreateCommand(_Command):
+    description = "Create a session and wait until its kernel answers."
+    usage = "create"
+    language = Unicode("python", help="The kernel (a kernelspec name).").tag(config=True)
+    tags = List(Unicode(), help="Tags for the session.").tag(config=True)
+    aliases = {"language": "CreateCommand.language", "tag": "CreateCommand.tags"}
+
+    def run(self) -> None:
+        name = self.extra_args[0] if self.extra_args else None
+        if len(self.extra_args) > 1:
+            self.fail("usage: sandbox-kernel create [NAME] [--language L] [--tag T]")
+        session = self.manager().create(name=name, language=self.language,
+                                        tags=self.tags or None)
+        info = session.info()
+        print(json.dumps(info, indent=2) if self.json else
+              f"created {info['name']} ({info['id']}, isolation: {info['isolation']})")
+
+
+class RunCommand(_Command):
+    description = "Run code in a session: sandbox-kernel run NAME CODE, or -f FILE (- for stdin)."
+    usage = "run"
+    file = Unicode(None, allow_none=True, help="Read the code from this file ('-': stdin).").tag(
+        config=True)
+    timeout = Float(None, allow_none=True, help="Interrupt the code after this many seconds."
+                    ).tag(config=True)
+    aliases = {("f", "file"): "RunCommand.file", "timeout": "RunCommand.timeout"}
+
+    def run(self) -> None:
+        if self.file is not None:
+            (key,) = self.positional(1, "NAME -f FILE")
+            try:
+                code = sys.stdin.read() if self.file == "-" else open(self.file).read()
+            except OSError as exc:
+                self.fail(f"cannot read {self.file}: {exc.strerror}")
+        else:
+            key, code = self.positional(2, "NAME CODE")
+        session = self.manager().get(key)
+        color = sys.stderr.isatty()
+
+        def show(out: dict[str, Any]) -> None:
+            kind = out["output_type"]
+            if kind == "stream":
+                stream = sys.stdout if out["name"] == "stdout" else sys.stderr
+                stream.write(out["text"])
+                stream.flush()
+            elif kind in ("execute_result", "display_data") and "text/plain" in out["data"]:
+                print(out["data"]["text/plain"], flush=True)
+            elif kind == "error":
+                text = "\n".join(out["traceback"]) or f"{out['ename']}: {out['evalue']}"
+                print(text if color else _ANSI.sub("", text), file=sys.stderr, flush=True)
+
+        result = session.run(code, timeout=self.timeout, on_output=show)
+        if not result.ok:
+            self.exit(1)
+
+
+class CloseCommand(_Command):
+    description = "Close a session: stop its sandbox and delete its files."
+    usage = "close"
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME")
+        self.manager().close(key)
+        print(f"closed {key}")
+
+
+class SandboxKernelApp(_Command):
+    description = "Persistent sandbox sessions for Jupyter."
+    subcommands = {
+        "list": (ListCommand, ListCommand.description),
+        "info": (InfoCommand, InfoCommand.description),
+        "create": (CreateCommand, CreateCommand.description),
+        "run": (RunCommand, RunCommand.description),
+        "close": (CloseCommand, CloseCommand.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            print("sandbox-kernel: choose a subcommand: " + ", ".join(self.subcommands),
+                  file=sys.stderr)
+            self.print_subcommands()
+            self.exit(2)
+        self.subapp.start()
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def main(argv: list[str] | None = None) -> None:
+    SandboxKernelApp.launch_instance(argv)
+
+
+if __name__ == "__main__":
+    main()

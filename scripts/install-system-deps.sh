@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# System packages the project needs, from Debian: bubblewrap confines the sandboxes.
+set -euo pipefail
+missing=()
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
+  echo "warning: cannot install ${missing[*]} (not root, no sudo); sessions will run unconfined" >&2
+  exit 0
+fi
+echo "installing ${missing[*]} from Debian"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,85 @@
+"""Fixtures: real session managers over real sandboxes, in throwaway state directories."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_kernel import SessionManager
+from sandbox_kernel.errors import SandboxError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """State dirs hold unix sockets (107-byte paths): keep them short, under /tmp."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def bwrap_works() -> bool:
+    bwrap = shutil.which("bwrap")
+    if not bwrap:
+        return False
+    return subprocess.run(
+        [bwrap, "--unshare-user", "--unshare-net", "--ro-bind", "/", "/", "true"],
+        capture_output=True,
+    ).returncode == 0
+
+
+needs_bwrap = pytest.mark.skipif(
+    not bwrap_works() and not os.environ.get("CI"),
+    reason="bubblewrap cannot create namespaces here (in CI this is a failure, not a skip)",
+)
+
+
+@contextlib.contextmanager
+def make_manager(home: Path, **config) -> Iterator[SessionManager]:
+    manager = SessionManager(home=str(home), **config)
+    try:
+        yield manager
+    finally:
+        for session in manager.list(status=["starting", "running", "dead"]):
+            with contextlib.suppress(SandboxError):
+                manager.close(session.id)
+        manager.registry.close()
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = short_tmpdir("skt-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def manager(home: Path) -> Iterator[SessionManager]:
+    with make_manager(home, isolation="bwrap") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def shared_manager() -> Iterator[SessionManager]:
+    path = short_tmpdir("skm-")
+    with make_manager(path, isolation="bwrap") as m:
+        yield m
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def session(shared_manager: SessionManager):
+    """One sandboxed session shared by a module's tests that do not break it."""
+    return shared_manager.create(name="shared")
+
+
+def python_in_subprocess(code: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,73 @@
+"""The sandbox-kernel command, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).with_name("sandbox-kernel"))
+
+
+@pytest.fixture
+def cli(home):
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
+        return subprocess.run([CLI, *args], env=env, capture_output=True, text=True,
+                              input=stdin, timeout=120)
+    return run
+
+
+def test_create_run_list_info_close(cli):
+    assert cli("list").stdout.startswith("no sessions")
+    created = cli("create", "work", "--tag", "demo")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("created work (")
+    run = cli("run", "work", "import sys; x = 20; print('out'); print('err', file=sys.stderr); x*2")
+    assert run.returncode == 0
+    assert run.stdout == "out\n40\n"
+    assert run.stderr == "err\n"
+    from_stdin = cli("run", "work", "-f", "-", stdin="print(x + 1)\n")
+    assert from_stdin.stdout == "21\n"
+    listed = cli("list")
+    assert "work" in listed.stdout and "running" in listed.stdout and "bwrap" in listed.stdout
+    as_json = json.loads(cli("list", "--json").stdout)
+    assert [s["name"] for s in as_json] == ["work"]
+    assert as_json[0]["tags"] == ["demo"]
+    info = json.loads(cli("info", "work", "--json").stdout)
+    assert info["status"] == "running" and info["execution_count"] == 2
+    assert "status:" in cli("info", "work").stdout
+    assert cli("close", "work").stdout == "closed work\n"
+    assert json.loads(cli("info", "work", "--json").stdout)["status"] == "closed"
+
+
+def test_run_from_a_file_and_errors_exit_nonzero(cli, tmp_path):
+    assert cli("create", "f").returncode == 0
+    script = tmp_path / "cell.py"
+    script.write_text("def g():\n    raise KeyError('missing')\ng()\n")
+    failed = cli("run", "f", "-f", str(script))
+    assert failed.returncode == 1
+    assert "KeyError" in failed.stderr and "missing" in failed.stderr
+    assert "\x1b[" not in failed.stderr  # no colour codes when not a terminal
+    cli("close", "f")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "ghost"), "no session with id or name 'ghost'"),
+    (("run", "ghost", "1"), "no session with id or name 'ghost'"),
+    (("close", "ghost"), "no session with id or name 'ghost'"),
+    (("run", "only-name"), "usage: sandbox-kernel run NAME CODE"),
+    (("create", "bad name"), "invalid session name"),
+    (("run", "x", "-f", "/nonexistent/file.py"), "cannot read /nonexistent/file.py"),
+])
+def test_errors_are_one_line(cli, args, message):
+    result = cli(*args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sandbox-kernel: error: ")
+    assert message in lines[0]
