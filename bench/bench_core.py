@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from jupyter_client.manager import KernelManager, start_new_kernel
-
 from common import Row, median, percentile
+from jupyter_client.manager import KernelManager, start_new_kernel
 from sandbox_kernel import SessionManager
 
 

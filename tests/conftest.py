@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from sandbox_kernel import SessionManager
 from sandbox_kernel.errors import SandboxError
 
@@ -79,7 +78,9 @@ def session(shared_manager: SessionManager):
     return shared_manager.create(name="shared")
 
 
-def python_in_subprocess(code: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def python_in_subprocess(
+    code: str, home: Path, timeout: float = 120
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout)

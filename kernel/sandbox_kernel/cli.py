@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from jupyter_core.application import JupyterApp
@@ -142,7 +143,7 @@ class RunCommand(_Command):
         if self.file is not None:
             (key,) = self.positional(1, "NAME -f FILE")
             try:
-                code = sys.stdin.read() if self.file == "-" else open(self.file).read()
+                code = sys.stdin.read() if self.file == "-" else Path(self.file).read_text()
             except OSError as exc:
                 self.fail(f"cannot read {self.file}: {exc.strerror}")
         else:
