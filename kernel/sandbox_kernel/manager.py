@@ -33,7 +33,14 @@ from traitlets import Dict, Enum, Float, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import portal
-from .errors import InvalidArgument, NameTaken, SessionClosed, SessionNotFound, StartFailed
+from .errors import (
+    InvalidArgument,
+    NameTaken,
+    SessionClosed,
+    SessionDead,
+    SessionNotFound,
+    StartFailed,
+)
 from .kernelspecs import kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
 from .paths import MAX_SOCKET_PATH, SessionLayout, default_home
@@ -262,8 +269,11 @@ class SessionManager(LoggingConfigurable):
             try:
                 await session._ensure_attached(_NoTiming())
             except BaseException as exc:
-                failure = exc if isinstance(exc, StartFailed) else StartFailed(
-                    f"session {name!r} did not start: {exc}")
+                if isinstance(exc, StartFailed):
+                    failure = exc
+                else:
+                    why = exc.reason if isinstance(exc, SessionDead) else str(exc)
+                    failure = StartFailed(f"session {name!r} did not start: {why}")
                 await self._abandon(session, str(failure))
                 raise failure from exc
         return session

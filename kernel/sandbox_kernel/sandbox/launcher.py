@@ -159,6 +159,10 @@ class BwrapLauncher(SandboxLauncher):
             args += ["--ro-bind-try", path, path]
         for name in ("passwd", "group", "hosts", "hostname"):
             args += ["--ro-bind", str(layout.etc / name), f"/etc/{name}"]
+        # /tmp lives in memory, charged to the session's memory cgroup: on the host disk
+        # the sandbox writes only its work directory and its kernel's sockets. Mounted
+        # before the interpreter's binds, which may lie under /tmp and must stay visible.
+        args += ["--tmpfs", INSIDE_TMP]
         bound = []
         for path in _outermost([*command.read_only, *self.extra_read_only]):
             if not _under(path, ["/usr"]):
@@ -171,9 +175,6 @@ class BwrapLauncher(SandboxLauncher):
             "--proc", "/proc",
             "--dev", "/dev",
             "--tmpfs", "/dev/shm",
-            # /tmp lives in memory, charged to the session's memory cgroup: on the host
-            # disk the sandbox writes only its work directory and its kernel's sockets.
-            "--tmpfs", INSIDE_TMP,
             "--bind", str(layout.kernel), INSIDE_KERNEL,
             "--bind", str(layout.work), INSIDE_WORK,
             "--remount-ro", "/",
