@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]'
+	$(BIN)/sandbox-kernel install --sys-prefix
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/run_notebook.py notebooks/quickstart.ipynb
 
 test: setup
 	$(BIN)/ruff check .

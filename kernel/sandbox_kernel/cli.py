@@ -178,6 +178,34 @@ class CloseCommand(_Command):
         print(f"closed {key}")
 
 
+class InstallCommand(_Command):
+    description = ("Install the 'Python 3 (sandbox)' kernelspec: "
+                   "sandbox-kernel install [--user | --sys-prefix | --prefix P].")
+    usage = "install"
+    user = Bool(False, help="Install for this user only.").tag(config=True)
+    sys_prefix = Bool(False, help="Install into sys.prefix (the active venv).").tag(config=True)
+    prefix = Unicode(None, allow_none=True, help="Install under this prefix.").tag(config=True)
+    flags = {
+        **_Command.flags,
+        "user": ({"InstallCommand": {"user": True}}, "Install for this user only."),
+        "sys-prefix": ({"InstallCommand": {"sys_prefix": True}}, "Install into sys.prefix."),
+    }
+    aliases = {"prefix": "InstallCommand.prefix"}
+
+    def run(self) -> None:
+        from .kernelspec import install
+
+        self.positional(0, "[--user | --sys-prefix | --prefix P]")
+        if sum([self.user, self.sys_prefix, self.prefix is not None]) > 1:
+            self.fail("choose one of --user, --sys-prefix and --prefix")
+        prefix = sys.prefix if self.sys_prefix else self.prefix
+        try:
+            where = install(user=self.user, prefix=prefix)
+        except OSError as exc:
+            self.fail(f"cannot install the kernelspec: {exc}")
+        print(f"installed kernelspec sandbox-python in {where}")
+
+
 class SandboxKernelApp(_Command):
     description = "Persistent sandbox sessions for Jupyter."
     subcommands = {
@@ -186,6 +214,7 @@ class SandboxKernelApp(_Command):
         "create": (CreateCommand, CreateCommand.description),
         "run": (RunCommand, RunCommand.description),
         "close": (CloseCommand, CloseCommand.description),
+        "install": (InstallCommand, InstallCommand.description),
     }
 
     def start(self) -> None:

@@ -116,11 +116,11 @@ class KernelConnection:
         self.session.send(self._sockets[channel], msg)
         return req.done
 
-    def send_raw(self, channel: str, msg: Message) -> None:
+    def send_raw(self, channel: str, msg: Message, buffers: list[Any] | None = None) -> None:
         """Send a message that expects no routed answer (comm_msg, input_reply)."""
         if self._failure is not None:
             raise self._failure
-        self.session.send(self._sockets[channel], msg)
+        self.session.send(self._sockets[channel], msg, buffers=buffers)
 
     async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
         while True:

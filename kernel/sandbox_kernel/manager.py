@@ -267,7 +267,7 @@ class SessionManager(LoggingConfigurable):
         session = self._handle(self.registry.session(session_id) or {})
         if wait:
             try:
-                await session._ensure_attached(_NoTiming())
+                await session.connection()
             except BaseException as exc:
                 if isinstance(exc, StartFailed):
                     failure = exc
@@ -396,13 +396,6 @@ class AsyncSessionManager(SessionManager):
 
     async def close(self, key: str) -> None:  # type: ignore[override]
         await self._async_close(key)
-
-
-class _NoTiming(dict[str, float]):
-    """Timing sink for attaching during create, whose time the caller measures itself."""
-
-    def stage(self, name: str) -> Any:
-        return contextlib.nullcontext()
 
 
 async def _stop_process(pid: int, timeout: float) -> None:

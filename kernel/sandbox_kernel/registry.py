@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS executions (
     timing TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS executions_session ON executions(session_id, id);
+CREATE TABLE IF NOT EXISTS bindings (
+    key TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    updated REAL NOT NULL
+);
 """
 
 #: Statuses in which a sandbox process is expected to exist.
@@ -165,6 +170,22 @@ class Registry:
                 (to, reason, session_id, *allowed),
             )
             return cur.rowcount == 1
+
+    # -- bindings: which session a notebook (or a kernel's connection file) uses ----
+
+    def bind(self, key: str, session_id: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO bindings (key, session_id, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET session_id=excluded.session_id, "
+                "updated=excluded.updated",
+                (key, session_id, time.time()),
+            )
+
+    def bound(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT session_id FROM bindings WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
 
     # -- executions -------------------------------------------------------
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import portal
-from .connection import ConnectionLost, KernelConnection
+from .connection import ConnectionLost, KernelConnection, MessageHook
 from .errors import ExecutionTimeout, SessionClosed, SessionDead, StartFailed
 from .result import ExecutionResult, output_from_message
 from .timing import Timing
@@ -86,11 +86,36 @@ class AsyncSession:
         it, ``input()`` raises in the sandbox. On ``timeout`` the kernel is
         interrupted and :class:`ExecutionTimeout` carries the partial result.
         """
+        content = {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": on_stdin is not None, "stop_on_error": True,
+        }
+        _, result = await self.execute(content, timeout=timeout, on_output=on_output,
+                                       on_stdin=on_stdin)
+        return result
+
+    async def execute(
+        self,
+        content: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        on_output: OutputHook | None = None,
+        on_stdin: StdinHook | None = None,
+        on_message: MessageHook | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], ExecutionResult]:
+        """Send an execute_request as given; return the raw reply and the result.
+
+        The kernel proxy uses this to pass a frontend's request through
+        unchanged and to see every raw message (``on_message``) as it arrives.
+        """
         timing = Timing()
         conn = await self._ensure_attached(timing)
         outputs: list[dict[str, Any]] = []
 
-        def on_message(channel: str, msg: dict[str, Any]) -> None:
+        def collect(channel: str, msg: dict[str, Any]) -> None:
+            if on_message is not None:
+                on_message(channel, msg)
             if channel == "iopub":
                 out = output_from_message(msg)
                 if out is not None:
@@ -99,26 +124,36 @@ class AsyncSession:
                         on_output(out)
 
         started = time.time()
-        content = {
-            "code": code, "silent": False, "store_history": True, "user_expressions": {},
-            "allow_stdin": on_stdin is not None, "stop_on_error": True,
-        }
         with timing.stage("execute"):
-            fut = conn.send("shell", "execute_request", content,
-                            on_message=on_message, on_stdin=on_stdin)
+            fut = conn.send("shell", "execute_request", content, on_message=collect,
+                            on_stdin=on_stdin, metadata=metadata)
             try:
                 reply = await self._wait(fut, timeout)
             except TimeoutError:
                 reply = await self._interrupt_after_timeout(fut, timeout)
                 result = self._result(reply, outputs, timing.finish())
-                self._record(code, "timeout", result, started)
+                self._record(content["code"], "timeout", result, started)
                 raise ExecutionTimeout(
                     f"the code ran longer than {timeout:g} s and was interrupted; "
                     "the session is still usable"
                 ) from None
+            except SessionDead:
+                self._record(content["code"], "dead", ExecutionResult("dead", None), started)
+                raise
         result = self._result(reply, outputs, timing.finish())
-        self._record(code, result.status, result, started)
-        return result
+        self._record(content["code"], result.status, result, started)
+        return reply, result
+
+    async def request(
+        self, msg_type: str, content: dict[str, Any], timeout: float | None = 60
+    ) -> dict[str, Any]:
+        """Any other shell request (complete, inspect, history, comm_info…): its reply."""
+        conn = await self._ensure_attached(Timing())
+        return await self._wait(conn.send("shell", msg_type, content), timeout)
+
+    async def connection(self) -> KernelConnection:
+        """The attached connection, for relaying messages that expect no reply."""
+        return await self._ensure_attached(Timing())
 
     async def interrupt(self) -> None:
         """Interrupt the running code, as Ctrl-C would (KeyboardInterrupt in the sandbox)."""
@@ -175,19 +210,23 @@ class AsyncSession:
     async def _ensure_attached(self, timing: Timing) -> KernelConnection:
         if self._conn is not None:
             return self._conn
-        async with self._attach_lock:
-            if self._conn is not None:
-                return self._conn
-            row = self.manager._refresh(self.id)
-            self._row = row
-            if row["status"] == "closed":
-                raise SessionClosed(self.name)
-            if row["status"] == "dead":
-                raise SessionDead(self.name, row["reason"])
-            stage = "start" if row["status"] == "starting" else "attach"
-            with timing.stage(stage):
+        began = time.perf_counter()
+        stage = "start" if self._row["status"] == "starting" else "attach"
+        try:
+            async with self._attach_lock:
+                if self._conn is not None:  # attached meanwhile (a background start)
+                    return self._conn
+                row = self.manager._refresh(self.id)
+                self._row = row
+                if row["status"] == "closed":
+                    raise SessionClosed(self.name)
+                if row["status"] == "dead":
+                    raise SessionDead(self.name, row["reason"])
                 self._conn = await self._attach(row)
-            return self._conn
+                self._row = self.manager._refresh(self.id)
+                return self._conn
+        finally:
+            timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - began
 
     async def _attach(self, row: dict[str, Any]) -> KernelConnection:
         """Connect, and prove the kernel answers and its iopub reaches us."""

@@ -1,0 +1,381 @@
+"""The Jupyter kernel: "Python 3 (sandbox)".
+
+A thin ipykernel ``Kernel`` that runs nothing itself. Every request goes to
+the notebook's session, an ordinary ipykernel in a sandbox, over the Jupyter
+protocol; every message that comes back is relayed to the frontend with the
+frontend's own request as its parent. So streams, rich output, errors,
+completion, inspection, history, ``input()`` and widget comms work as they do
+in a plain kernel, without rewriting cells (sparkmagic's lesson).
+
+The session outlives this process: it is found again through a binding from
+the notebook's path (``JPY_SESSION_NAME``, set by Jupyter Server) or, when
+there is none, from this kernel's connection file (which a restart keeps), so
+restarting the kernel re-attaches with the variables intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import signal
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import zmq
+from ipykernel.kernelbase import Kernel
+from traitlets import Bool, Instance, Unicode
+
+from . import __version__
+from .commands import CommandError, SessionCommands, split_cell
+from .errors import SandboxError, SessionClosed, SessionDead
+from .manager import AsyncSessionManager
+from .session import AsyncSession
+
+#: Requests answered by the sandbox's kernel, passed through as they came.
+FORWARDED = ("complete_request", "inspect_request", "is_complete_request",
+             "history_request", "comm_info_request")
+COMMS = ("comm_open", "comm_msg", "comm_close")
+_ANSI_RED = "\x1b[0;31m"
+_ANSI_RESET = "\x1b[0m"
+
+
+class InputCancelled(Exception):
+    """The frontend's answer to input() will not come: the cell was interrupted."""
+
+
+class SandboxKernel(Kernel):
+    implementation = "sandbox-kernel"
+    implementation_version = __version__
+    banner = "Python in a persistent sandbox session (sandbox-kernel)"
+
+    session_manager = Instance(AsyncSessionManager, allow_none=True)
+    session_name = Unicode(
+        None, allow_none=True,
+        help="Attach to this session (by name or id) instead of the notebook's own.",
+    ).tag(config=True)
+    close_on_shutdown = Bool(
+        False, help="Close the session when the kernel shuts down (not on restart). "
+        "Off: the session stays, subject to its lease.",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        for msg_type in FORWARDED:
+            self.shell_handlers[msg_type] = self._forward_request
+        for msg_type in COMMS:
+            self.shell_handlers[msg_type] = self._forward_comm
+        self._execute_sleep = 0  # our stdout carries nothing to wait for
+        self.sandbox: AsyncSession | None = None
+        self._ready: asyncio.Future[AsyncSession] | None = None
+        self._inner_info: dict[str, Any] | None = None
+        self._last_timing: dict[str, float] | None = None
+        self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._stdin_cancel = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commands = SessionCommands(self._session_info, lambda: self._last_timing,
+                                        self._new_session)
+
+    # -- start-up: find or create the session, in the background -----------
+
+    def start(self) -> None:
+        super().start()
+        self.io_loop.add_callback(self._begin)
+
+    def _begin(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Ctrl-C delivered to this process (signal interrupt mode) goes to the sandbox.
+        signal.signal(signal.SIGINT, lambda *_: self._loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self._interrupt_sandbox())))
+        self._ready = asyncio.ensure_future(self._open_session())
+        self._ready.add_done_callback(lambda f: f.exception())  # reported at the first cell
+
+    @property
+    def binding_key(self) -> str:
+        notebook = os.environ.get("JPY_SESSION_NAME")
+        if notebook:
+            return f"notebook:{notebook}"
+        conn = getattr(self.parent, "abs_connection_file", None) or f"pid-{os.getpid()}"
+        return f"kernel:{conn}"
+
+    def _manager(self) -> AsyncSessionManager:
+        if self.session_manager is None:
+            self.session_manager = AsyncSessionManager(parent=self)
+        return self.session_manager
+
+    async def _open_session(self) -> AsyncSession:
+        manager = self._manager()
+        key = self.binding_key
+        session: AsyncSession | None = None
+        wanted = self.session_name or manager.registry.bound(key)
+        if wanted:
+            with contextlib.suppress(SessionClosed, SandboxError):
+                session = await manager.get(wanted)
+        if session is None:
+            session = await manager.create(name=_free_name(manager, key), wait=False)
+        manager.registry.bind(key, session.id)
+        return await self._adopt(session)
+
+    async def _adopt(self, session: AsyncSession) -> AsyncSession:
+        self.sandbox = session
+        session.on_unrouted = self._relay_unrouted
+        if session.status in ("starting", "running"):
+            with contextlib.suppress(SandboxError):
+                reply = await session.request("kernel_info_request", {})
+                self._inner_info = reply["content"]
+                count = self._manager().registry.session(session.id)["execution_count"]
+                self.execution_count = max(self.execution_count, count)
+        return session
+
+    async def _sandbox(self) -> AsyncSession:
+        if self._ready is None:  # a request before start-up ran
+            self._begin()
+        assert self._ready is not None
+        return await asyncio.shield(self._ready)
+
+    async def _new_session(self, name: str | None) -> dict[str, Any]:
+        manager = self._manager()
+        session = await manager.create(name=name or _free_name(manager, self.binding_key),
+                                       wait=False)
+        manager.registry.bind(self.binding_key, session.id)
+        self._inner_info = None
+        self._ready = asyncio.ensure_future(self._adopt(session))
+        return session.info()
+
+    def _session_info(self) -> dict[str, Any]:
+        if self.sandbox is None:
+            raise CommandError("%session: the session is still being set up; try again")
+        return self.sandbox.info()
+
+    # -- kernel_info ----------------------------------------------------------
+
+    @property
+    def language_info(self) -> dict[str, Any]:  # type: ignore[override]
+        if self._inner_info:
+            return self._inner_info["language_info"]
+        return {
+            "name": "python", "version": platform.python_version(), "mimetype": "text/x-python",
+            "codemirror_mode": {"name": "ipython", "version": 3}, "pygments_lexer": "ipython3",
+            "nbconvert_exporter": "python", "file_extension": ".py",
+        }
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:  # type: ignore[override]
+        info = super().kernel_info
+        info["supported_features"] = []  # no subshells or debugger across the sandbox yet
+        if self._inner_info:
+            info["help_links"] = self._inner_info.get("help_links", [])
+        return info
+
+    # -- execute ----------------------------------------------------------------
+
+    async def do_execute(  # type: ignore[override]
+        self, code: str, silent: bool, store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
+        *, cell_meta: dict[str, Any] | None = None, cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        parts = split_cell(code) if "%session" in code else [("code", code)]
+        reply: dict[str, Any] = {"status": "ok", "execution_count": self.execution_count,
+                                 "payload": [], "user_expressions": {}}
+        for kind, text in parts:
+            try:
+                if kind == "command":
+                    reply = await self._run_command(text)
+                else:
+                    reply = await self._run_code(text, silent, store_history,
+                                                 user_expressions or {}, allow_stdin, cell_meta)
+            except Exception as exc:  # a reply must always come, or the frontend waits forever
+                self.log.exception("sandbox kernel failed to run a cell")
+                return self._error_reply(exc, hint="(an internal error of sandbox-kernel)")
+            if reply["status"] != "ok":
+                break
+        return reply
+
+    async def _run_command(self, line: str) -> dict[str, Any]:
+        try:
+            out = await self.commands.run(line)
+        except SandboxError as exc:
+            return self._error_reply(exc)
+        data = {"text/plain": out.text}
+        if out.html:
+            data["text/html"] = out.html
+        self.send_response(self.iopub_socket, "display_data", {"data": data, "metadata": {}})
+        return {"status": "ok", "execution_count": self.execution_count, "payload": [],
+                "user_expressions": {}}
+
+    async def _run_code(
+        self, code: str, silent: bool, store_history: bool, user_expressions: dict[str, Any],
+        allow_stdin: bool, cell_meta: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        parent = self.get_parent("shell")
+        ident = self._get_shell_context_var(self._shell_parent_ident)
+        try:
+            sandbox = await self._sandbox()
+        except SandboxError as exc:
+            return self._error_reply(exc)
+        content = {"code": code, "silent": silent, "store_history": store_history,
+                   "user_expressions": user_expressions, "allow_stdin": allow_stdin,
+                   "stop_on_error": False}
+
+        def relay(channel: str, msg: dict[str, Any]) -> None:
+            if channel == "iopub" and msg["header"]["msg_type"] not in ("status", "execute_input"):
+                self._publish(msg, parent)
+
+        async def ask(prompt: str, password: bool) -> str:
+            self._stdin_cancel.clear()
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self._ask_frontend, prompt, password, ident, parent)
+
+        try:
+            reply, result = await sandbox.execute(
+                content, on_message=relay, on_stdin=ask if allow_stdin else None,
+                metadata={"cellId": cell_meta.get("cellId")} if cell_meta else None)
+        except (SessionDead, SessionClosed) as exc:
+            return self._error_reply(exc, hint="In this notebook, `%session new` starts a fresh "
+                                     "session.")
+        self._last_timing = result.timing
+        count = reply["content"].get("execution_count")
+        if isinstance(count, int):
+            self.execution_count = count
+        return reply["content"]
+
+    def _error_reply(self, exc: Exception, hint: str = "") -> dict[str, Any]:
+        evalue = f"{exc} {hint}".strip()
+        content = {"ename": type(exc).__name__, "evalue": evalue,
+                   "traceback": [f"{_ANSI_RED}{type(exc).__name__}{_ANSI_RESET}: {evalue}"]}
+        self.send_response(self.iopub_socket, "error", content)
+        return {"status": "error", "execution_count": self.execution_count, **content}
+
+    def _publish(self, msg: dict[str, Any], parent: dict[str, Any]) -> None:
+        kind = msg["header"]["msg_type"]
+        self.session.send(self.iopub_socket, kind, msg["content"], parent=parent,
+                          metadata=msg.get("metadata"), buffers=msg.get("buffers"),
+                          ident=self._topic(kind))
+
+    # -- stdin: the sandbox asks, the frontend answers ---------------------------
+
+    def _ask_frontend(self, prompt: str, password: bool, ident: Any, parent: dict) -> str:
+        """Runs in a worker thread so that the loop keeps relaying and can interrupt."""
+        sock = self.stdin_socket
+        while True:  # purge stale replies
+            try:
+                sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        self.session.send(sock, "input_request", {"prompt": prompt, "password": password},
+                          parent, ident=ident)
+        while not self._stdin_cancel.is_set():
+            if sock.poll(50):
+                _, reply = self.session.recv(sock)
+                if reply is not None:
+                    return reply["content"].get("value", "")
+        raise InputCancelled("interrupted while waiting for input")
+
+    # -- interrupt ------------------------------------------------------------------
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        """Runs on the control thread: hand the interrupt to the loop that owns the sandbox."""
+        self._stdin_cancel.set()
+        content: dict[str, Any] = {"status": "ok"}
+        if self._loop is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._interrupt_sandbox(), self._loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), 15)
+            except Exception as exc:
+                content = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc),
+                           "traceback": []}
+        self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
+
+    async def _interrupt_sandbox(self) -> None:
+        if self.sandbox is not None:
+            await self.sandbox.interrupt()
+
+    # -- everything else goes through ----------------------------------------------
+
+    async def _forward_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        msg_type = parent["header"]["msg_type"]
+        try:
+            sandbox = await self._sandbox()
+            reply = (await sandbox.request(msg_type, parent["content"]))["content"]
+        except Exception as exc:
+            reply = _fallback_reply(msg_type, parent["content"], exc)
+        self.session.send(stream, msg_type.replace("_request", "_reply"), reply, parent,
+                          ident=ident)
+
+    async def _forward_comm(self, stream: Any, ident: Any, parent: dict) -> None:
+        """Comm messages from the frontend (widgets) go to the sandbox under their own id."""
+        try:
+            sandbox = await self._sandbox()
+            conn = await sandbox.connection()
+        except SandboxError as exc:
+            self.log.warning("dropped %s: %s", parent["header"]["msg_type"], exc)
+            return
+        msg = self.session.msg(parent["header"]["msg_type"], parent["content"],
+                               metadata=parent.get("metadata"))
+        msg["header"]["msg_id"] = parent["header"]["msg_id"]
+        self._remember(parent)
+        conn.send_raw("shell", msg, buffers=parent.get("buffers"))
+
+    def _remember(self, parent: dict[str, Any]) -> None:
+        self._parents[parent["header"]["msg_id"]] = parent
+        while len(self._parents) > 256:
+            self._parents.popitem(last=False)
+
+    def _relay_unrouted(self, channel: str, msg: dict[str, Any]) -> None:
+        """Sandbox output no request of ours waits for: replies to comms, background output."""
+        if channel != "iopub" or msg["header"]["msg_type"] == "status":
+            return
+        parent_id = msg.get("parent_header", {}).get("msg_id")
+        parent = self._parents.get(parent_id) or msg.get("parent_header", {})
+        self._publish(msg, parent)
+
+    # -- shutdown -----------------------------------------------------------------
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        """The session is left to its lease (or closed, when so configured)."""
+        sandbox, self.sandbox = self.sandbox, None
+        if sandbox is not None:
+            if self.close_on_shutdown and not restart:
+                with contextlib.suppress(SandboxError):
+                    await sandbox.close()
+            else:
+                sandbox._detach()
+        return {"status": "ok", "restart": restart}
+
+
+def _fallback_reply(msg_type: str, content: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """What a forwarded request answers when the sandbox cannot."""
+    if msg_type == "complete_request":
+        pos = content.get("cursor_pos", 0)
+        return {"status": "ok", "matches": [], "cursor_start": pos, "cursor_end": pos,
+                "metadata": {}}
+    if msg_type == "is_complete_request":
+        return {"status": "unknown"}
+    if msg_type == "inspect_request":
+        return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+    if msg_type == "comm_info_request":
+        return {"status": "ok", "comms": {}}
+    return {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": [],
+            "history": []}
+
+
+def _free_name(manager: AsyncSessionManager, key: str) -> str:
+    """A readable session name from the notebook path, unique by a short hash of the key."""
+    kind, _, where = key.partition(":")
+    base = os.path.basename(where) if kind == "notebook" else "kernel"
+    base = re.sub(r"\.ipynb$|\.json$", "", base)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._")[:40] or "notebook"
+    digest = hashlib.blake2b(key.encode(), digest_size=3).hexdigest()
+    name = f"{slug}-{digest}"
+    taken = {s["name"] for s in manager.registry.sessions(status=("starting", "running", "dead"))}
+    n = 2
+    candidate = name
+    while candidate in taken:
+        candidate = f"{name}-{n}"
+        n += 1
+    return candidate
+
