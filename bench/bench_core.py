@@ -6,6 +6,7 @@ import time
 
 from common import Row, median, percentile
 from jupyter_client.manager import KernelManager, start_new_kernel
+
 from sandbox_kernel import SessionManager
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_core import bench_create, bench_run  # noqa: E402
 from common import print_table, save  # noqa: E402
+
 from sandbox_kernel import SessionManager  # noqa: E402
 
 

@@ -12,10 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from sandbox_kernel import SessionManager
 from sandbox_kernel.errors import SandboxError
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests use the kernelspec shipped in this tree, whatever is installed elsewhere.
+os.environ["JUPYTER_PATH"] = os.pathsep.join(
+    [str(ROOT / "share" / "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])])
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -84,3 +88,19 @@ def python_in_subprocess(
     env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def kernel_home() -> Iterator[Path]:
+    """A state directory that kernels started by jupyter_client inherit through the env."""
+    path = short_tmpdir("skk-")
+    old = os.environ.get("SANDBOX_KERNEL_HOME")
+    os.environ["SANDBOX_KERNEL_HOME"] = str(path)
+    yield path
+    with make_manager(path):
+        pass  # closes what the kernels left to their lease
+    if old is None:
+        del os.environ["SANDBOX_KERNEL_HOME"]
+    else:
+        os.environ["SANDBOX_KERNEL_HOME"] = old
+    shutil.rmtree(path, ignore_errors=True)

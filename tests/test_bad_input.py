@@ -7,6 +7,7 @@ import stat
 import time
 
 import pytest
+
 from sandbox_kernel import SessionManager
 from sandbox_kernel.errors import (
     InvalidArgument,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from sandbox_kernel.errors import ExecutionTimeout
 
 from .conftest import needs_bwrap

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+
 from sandbox_kernel.errors import ExecutionTimeout
 from sandbox_kernel.result import RemoteError
 

@@ -76,6 +76,7 @@ class SandboxKernel(Kernel):
         self._last_timing: dict[str, float] | None = None
         self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._stdin_cancel = threading.Event()
+        self._comm_chain: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commands = SessionCommands(self._session_info, lambda: self._last_timing,
                                         self._new_session)
@@ -307,17 +308,31 @@ class SandboxKernel(Kernel):
                           ident=ident)
 
     async def _forward_comm(self, stream: Any, ident: Any, parent: dict) -> None:
-        """Comm messages from the frontend (widgets) go to the sandbox under their own id."""
+        """Comm messages from the frontend (widgets) go to the sandbox under their own id.
+
+        The handler returns at once and the message goes out from a chain of
+        tasks, in order: ipykernel runs comm handlers concurrently with a
+        running cell and restores its own idea of the current parent when each
+        one ends, so a comm handler that waited (for a sandbox still starting)
+        would end after the cell began and stamp the cell's idle status with
+        the comm's parent.
+        """
+        self._remember(parent)
+        previous = self._comm_chain
+        self._comm_chain = asyncio.ensure_future(self._send_comm(parent, previous))
+
+    async def _send_comm(self, parent: dict, previous: asyncio.Future[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
         try:
             sandbox = await self._sandbox()
             conn = await sandbox.connection()
-        except SandboxError as exc:
+        except Exception as exc:
             self.log.warning("dropped %s: %s", parent["header"]["msg_type"], exc)
             return
         msg = self.session.msg(parent["header"]["msg_type"], parent["content"],
                                metadata=parent.get("metadata"))
         msg["header"]["msg_id"] = parent["header"]["msg_id"]
-        self._remember(parent)
         conn.send_raw("shell", msg, buffers=parent.get("buffers"))
 
     def _remember(self, parent: dict[str, Any]) -> None:

@@ -33,5 +33,5 @@ def install(user: bool = False, prefix: str | None = None) -> str:
         spec["argv"][0] = sys.executable
         (target / "kernel.json").write_text(json.dumps(spec, indent=1))
         return KernelSpecManager().install_kernel_spec(
-            str(target), KERNEL_NAME, user=user, prefix=prefix, replace=True
+            str(target), KERNEL_NAME, user=user, prefix=prefix
         )

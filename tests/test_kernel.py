@@ -1,0 +1,288 @@
+"""The sandbox kernel driven by a jupyter_client client: sessions, restarts, widgets, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+from sandbox_kernel import SessionManager
+
+from .conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def _home(kernel_home):
+    return kernel_home
+
+
+@pytest.fixture
+def kernel(request):
+    """A started sandbox kernel and a ready client; JPY_SESSION_NAME set per test."""
+    started = []
+
+    def start(notebook: str | None = None):
+        km = KernelManager(kernel_name="sandbox-python")
+        env = {**os.environ}
+        if notebook:
+            env["JPY_SESSION_NAME"] = notebook
+        km.start_kernel(env=env)
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        started.append((km, kc))
+        return km, kc
+
+    yield start
+    for km, kc in started:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def execute(kc, code: str, timeout: float = 60):
+    """Run code; return (reply content, iopub messages for it)."""
+    msgs = []
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=msgs.append)
+    for m in msgs:  # every relayed message names the frontend's own request as parent
+        assert m["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+    return reply["content"], msgs
+
+
+def texts(msgs) -> str:
+    return "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+
+
+def results(msgs) -> list[str]:
+    return [m["content"]["data"]["text/plain"] for m in msgs
+            if m["msg_type"] == "execute_result"]
+
+
+def test_cells_run_in_the_notebooks_sandbox_session(kernel, kernel_home):
+    km, kc = kernel("work/analysis.ipynb")
+    reply, msgs = execute(kc, "import os; value = 6 * 7; print(os.getcwd(), os.getuid()); value")
+    assert reply["status"] == "ok"
+    assert texts(msgs) == "/home/sandbox 1000\n"
+    assert results(msgs) == ["42"]
+    infos = [s.info() for s in SessionManager(home=str(kernel_home)).list(status="running")]
+    mine = [i for i in infos if i["name"].startswith("analysis-")]
+    assert len(mine) == 1 and mine[0]["isolation"] == "bwrap"
+
+
+def test_restart_reattaches_with_variables_intact(kernel):
+    km, kc = kernel("work/restart.ipynb")
+    execute(kc, "kept = [1, 2, 3]")
+    before, _ = execute(kc, "%session info")
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=60)
+    reply, msgs = execute(kc, "kept")
+    assert reply["status"] == "ok"
+    assert results(msgs) == ["[1, 2, 3]"]
+    # `%session info` ran in the proxy; the sandbox counts on from 1, a fresh one would say 1.
+    assert reply["execution_count"] == 2
+
+
+def test_a_second_kernel_for_the_same_notebook_shares_the_session(kernel):
+    _, first = kernel("work/shared.ipynb")
+    execute(first, "shared_value = 'from the first kernel'")
+    _, second = kernel("work/shared.ipynb")
+    assert results(execute(second, "shared_value")[1]) == ["'from the first kernel'"]
+
+
+def test_session_new_gives_a_fresh_session(kernel):
+    km, kc = kernel("work/fresh.ipynb")
+    execute(kc, "old = 1")
+    reply, msgs = execute(kc, "%session new")
+    assert reply["status"] == "ok"
+    shown = [m for m in msgs if m["msg_type"] == "display_data"]
+    assert "new session" in shown[0]["content"]["data"]["text/plain"]
+    reply, msgs = execute(kc, "old")
+    assert reply["status"] == "error" and reply["ename"] == "NameError"
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=60)
+    assert execute(kc, "old")[0]["ename"] == "NameError"  # the binding moved to the new session
+
+
+def test_session_commands_in_the_kernel(kernel):
+    _, kc = kernel()
+    execute(kc, "x = 1")
+    reply, msgs = execute(kc, "%session timing")
+    shown = [m for m in msgs if m["msg_type"] == "display_data"]
+    assert reply["status"] == "ok" and "execute" in shown[0]["content"]["data"]["text/plain"]
+    reply, msgs = execute(kc, "%session info")
+    data = [m for m in msgs if m["msg_type"] == "display_data"][0]["content"]["data"]
+    assert "isolation:" in data["text/plain"] and "<table>" in data["text/html"]
+    reply, msgs = execute(kc, "%session bogus")
+    assert reply["status"] == "error" and "unknown command 'bogus'" in reply["evalue"]
+    reply, msgs = execute(kc, "y = 2\n%session timing\ny + 1")
+    assert reply["status"] == "ok" and results(msgs) == ["3"]
+
+
+def test_rich_outputs_clear_and_update_display(kernel):
+    _, kc = kernel()
+    code = (
+        "from IPython.display import display, clear_output, HTML\n"
+        "h = display(HTML('<i>one</i>'), display_id=True)\n"
+        "h.update(HTML('<i>two</i>'))\n"
+        "print('before clear'); clear_output(wait=True); print('after clear')"
+    )
+    reply, msgs = execute(kc, code)
+    kinds = [m["msg_type"] for m in msgs if m["msg_type"] not in ("status", "execute_input")]
+    assert kinds == ["display_data", "update_display_data", "stream", "clear_output", "stream"]
+    update = [m for m in msgs if m["msg_type"] == "update_display_data"][0]
+    assert update["content"]["data"]["text/html"] == "<i>two</i>"
+    assert update["content"]["transient"]["display_id"]
+
+
+def test_error_carries_the_sandbox_traceback(kernel):
+    _, kc = kernel()
+    reply, msgs = execute(kc, "def boom():\n    raise RuntimeError('deep')\nboom()")
+    assert reply["status"] == "error"
+    assert reply["ename"] == "RuntimeError" and reply["evalue"] == "deep"
+    errors = [m for m in msgs if m["msg_type"] == "error"]
+    assert len(errors) == 1 and any("boom()" in line for line in errors[0]["content"]["traceback"])
+
+
+def test_widget_in_the_sandbox_responds_to_the_frontend(kernel):
+    _, kc = kernel()
+    reply, msgs = execute(kc, "import ipywidgets as w; slider = w.IntSlider(value=3); slider")
+    assert reply["status"] == "ok"
+    opens = [m for m in msgs if m["msg_type"] == "comm_open"]
+    model = [m for m in opens if m["content"]["data"]["state"].get("_model_name") ==
+             "IntSliderModel"]
+    assert model, [m["content"]["data"]["state"].get("_model_name") for m in opens]
+    comm_id = model[0]["content"]["comm_id"]
+    assert model[0]["content"]["data"]["state"]["value"] == 3
+    views = [m for m in msgs if m["msg_type"] == "execute_result"]
+    assert "application/vnd.jupyter.widget-view+json" in views[0]["content"]["data"]
+    # The frontend moves the slider: a comm_msg goes through the kernel into the sandbox.
+    kc.session.send(kc.shell_channel.socket, kc.session.msg(
+        "comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 7},
+                                                  "buffer_paths": []}}))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if results(execute(kc, "slider.value")[1]) == ["7"]:
+            break
+        time.sleep(0.1)
+    assert results(execute(kc, "slider.value")[1]) == ["7"]
+    comm_info = kc.comm_info(reply=True)["content"]["comms"]
+    assert comm_id in comm_info
+    # And a change made in the sandbox reaches the frontend as a comm_msg of that cell.
+    _, msgs = execute(kc, "slider.value = 9")
+    updates = [m["content"]["data"] for m in msgs
+               if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id]
+    assert {"method": "update", "state": {"value": 9}, "buffer_paths": []} in updates
+
+
+def test_comm_message_for_a_missing_comm_is_harmless(kernel):
+    _, kc = kernel()
+    kc.session.send(kc.shell_channel.socket, kc.session.msg(
+        "comm_msg", {"comm_id": uuid.uuid4().hex, "data": {"method": "update"}}))
+    kc.session.send(kc.shell_channel.socket, kc.session.msg(
+        "comm_close", {"comm_id": uuid.uuid4().hex, "data": {}}))
+    reply, msgs = execute(kc, "'still fine'")
+    assert results(msgs) == ["'still fine'"]
+
+
+def test_a_cell_sent_while_the_sandbox_starts_is_queued_not_lost(kernel_home):
+    km = KernelManager(kernel_name="sandbox-python")
+    km.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "work/early.ipynb"})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        msg_id = kc.execute("early = 'queued'; early")  # before any kernel_info answer
+        reply = kc.get_shell_msg(timeout=90)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "ok"
+        timing, msgs = execute(kc, "%session timing")
+        text = [m for m in msgs if m["msg_type"] == "display_data"][0]["content"]["data"]
+        assert "execute" in text["text/plain"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_sandbox_that_dies_mid_cell(kernel):
+    _, kc = kernel("work/dies.ipynb")
+    reply, msgs = execute(kc, "import os; os._exit(9)")
+    assert reply["status"] == "error"
+    assert reply["ename"] == "SessionDead"
+    assert "exited with code 9" in reply["evalue"]
+    reply, msgs = execute(kc, "1 + 1")
+    assert reply["status"] == "error"
+    assert "%session new" in reply["evalue"]
+    assert execute(kc, "%session new")[0]["status"] == "ok"
+    assert results(execute(kc, "1 + 1")[1]) == ["2"]
+
+
+def test_interrupt_during_input(kernel):
+    km, kc = kernel()
+    msg_id = kc.execute("value = input('waiting: ')", allow_stdin=True)
+    request = kc.get_stdin_msg(timeout=30)
+    assert request["content"]["prompt"] == "waiting: "
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert results(execute(kc, "'usable'")[1]) == ["'usable'"]
+
+
+def test_interrupt_stops_a_busy_cell(kernel):
+    km, kc = kernel()
+    msg_id = kc.execute("while True: pass")
+    time.sleep(1.5)
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+
+def test_shutdown_leaves_the_session_to_its_lease(kernel_home):
+    km = KernelManager(kernel_name="sandbox-python")
+    km.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "work/left.ipynb"})
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    execute(kc, "left = 'behind'")
+    kc.stop_channels()
+    km.shutdown_kernel()
+    manager = SessionManager(home=str(kernel_home))
+    (session,) = [s for s in manager.list(status="running") if s.name.startswith("left-")]
+    assert session.run("left").result == "'behind'"
+
+
+def test_kernelspec_and_install(tmp_path):
+    spec = json.loads((ROOT / "share/jupyter/kernels/sandbox-python/kernel.json").read_text())
+    assert spec["argv"][:3] == ["python", "-m", "sandbox_kernel"]
+    assert spec["display_name"] == "Python 3 (sandbox)"
+    assert spec["interrupt_mode"] == "message"
+    from sandbox_kernel.kernelspec import install
+
+    where = Path(install(prefix=str(tmp_path)))
+    installed = json.loads((where / "kernel.json").read_text())
+    assert installed["argv"][0] == os.path.realpath(installed["argv"][0]) or os.path.isabs(
+        installed["argv"][0])
+    assert where == tmp_path / "share/jupyter/kernels/sandbox-python"
+
+
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb")
+                   if not p.name.endswith(".out.ipynb"))  # executed copies made by `make demo`
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_execute_with_the_sandbox_kernel(path):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="sandbox-python", timeout=300,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    if path.name == "quickstart.ipynb":
+        assert any("image/png" in o.get("data", {}) for o in outputs)
+        assert any("still has 10000 samples" in o.get("text", "") for o in outputs)
