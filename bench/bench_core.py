@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from common import Row, median, percentile
 from jupyter_client.manager import KernelManager, start_new_kernel
@@ -84,4 +85,40 @@ def bench_run(manager: SessionManager, rounds: int) -> list[Row]:
             "<= +1 ms"),
         Row("run('1+1') p99", percentile(ours, 0.99) * ms, percentile(peer, 0.99) * ms,
             "execute_interactive, plain ipykernel", "ms", "-"),
+    ]
+
+
+def bench_kernel_cell(rounds: int) -> list[Row]:
+    """Per-cell overhead of the sandbox kernel: the same client and cell on a plain ipykernel."""
+    import os
+
+    repo_share = str(Path(__file__).resolve().parent.parent / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [repo_share, *filter(None, [os.environ.get("JUPYTER_PATH")])])
+    sandbox_km, sandbox_kc = start_new_kernel(kernel_name="sandbox-python")
+    plain_km, plain_kc = start_new_kernel(kernel_name="python3")
+    ours, peer = [], []
+
+    def cell(kc) -> float:
+        t = time.perf_counter()
+        kc.execute_interactive("1+1", output_hook=lambda m: None, timeout=60)
+        return time.perf_counter() - t
+
+    try:
+        for _ in range(10):
+            cell(sandbox_kc)
+            cell(plain_kc)
+        for _ in range(rounds // 20):
+            ours += [cell(sandbox_kc) for _ in range(20)]
+            peer += [cell(plain_kc) for _ in range(20)]
+    finally:
+        for km, kc in ((sandbox_km, sandbox_kc), (plain_km, plain_kc)):
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    ms = 1000
+    return [
+        Row("kernel cell '1+1' p50", percentile(ours, 0.5) * ms, percentile(peer, 0.5) * ms,
+            "same client, plain ipykernel", "ms", "<= +1 ms"),
+        Row("kernel cell '1+1' p99", percentile(ours, 0.99) * ms, percentile(peer, 0.99) * ms,
+            "same client, plain ipykernel", "ms", "-"),
     ]

@@ -6,6 +6,7 @@ Usage: python bench/run.py [--quick]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import bench_create, bench_run  # noqa: E402
+from bench_core import bench_create, bench_kernel_cell, bench_run  # noqa: E402
 from common import print_table, save  # noqa: E402
 
 from sandbox_kernel import SessionManager  # noqa: E402
@@ -24,10 +25,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="skb-", dir="/tmp"))
+    os.environ["SANDBOX_KERNEL_HOME"] = str(home)  # kernels started here inherit it
     manager = SessionManager(home=str(home))
     try:
         rows = bench_create(manager, rounds=2 if args.quick else 7)
         rows += bench_run(manager, rounds=100 if args.quick else 600)
+        rows += bench_kernel_cell(rounds=100 if args.quick else 600)
     finally:
         for s in manager.list(status=["starting", "running", "dead"]):
             manager.close(s.id)

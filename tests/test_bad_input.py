@@ -151,7 +151,7 @@ def test_supervisor_killed_marks_dead(manager):
 def _fake_python(tmp_path, body: str) -> str:
     script = tmp_path / "python"
     # Answers the manager's prefix probe (`python -c ...`) like a real interpreter would.
-    probe = 'if [ "$1" = "-c" ]; then echo \'["/usr", "/usr", "/usr"]\'; exit 0; fi'
+    probe = 'case "$2" in *sys.prefix*) echo \'["/usr", "/usr", "/usr"]\'; exit 0;; esac'
     script.write_text(f"#!/bin/sh\n{probe}\n{body}\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)

@@ -1,8 +1,6 @@
 """``python -m sandbox_kernel -f CONNECTION_FILE``: the kernel that the kernelspec starts."""
 
-from ipykernel.kernelapp import IPKernelApp
-
-from sandbox_kernel.kernel import SandboxKernel
+from sandbox_kernel.kernel import SandboxKernel, SandboxKernelApp
 
 if __name__ == "__main__":
-    IPKernelApp.launch_instance(kernel_class=SandboxKernel)
+    SandboxKernelApp.launch_instance(kernel_class=SandboxKernel)

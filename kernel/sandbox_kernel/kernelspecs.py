@@ -20,11 +20,23 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from .errors import InvalidArgument
 from .sandbox.launcher import KernelCommand
 
+#: ipykernel as the sandbox runs it: without the shell-channel thread, which serves
+#: only subshells (the proxy offers none) and costs two thread hops per request. Inline,
+#: because the sandbox cannot import sandbox_kernel. `make bench` measures the gain.
+INNER_IPYKERNEL = (
+    "from ipykernel.kernelapp import IPKernelApp\n"
+    "class SandboxedKernelApp(IPKernelApp):\n"
+    "    def init_sockets(self):\n"
+    "        super().init_sockets()\n"
+    "        self.shell_channel_thread = None\n"
+    "SandboxedKernelApp.launch_instance()\n"
+)
+
 
 def kernel_command(language: str, python: str) -> KernelCommand:
     if language == "python":
         return KernelCommand(
-            argv=[python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            argv=[python, "-c", INNER_IPYKERNEL, "-f", "{connection_file}"],
             read_only=list(interpreter_prefixes(python)),
         )
     if language.startswith("sandbox-"):

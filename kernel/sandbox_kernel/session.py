@@ -103,11 +103,14 @@ class AsyncSession:
         on_stdin: StdinHook | None = None,
         on_message: MessageHook | None = None,
         metadata: dict[str, Any] | None = None,
+        record_later: bool = False,
     ) -> tuple[dict[str, Any], ExecutionResult]:
         """Send an execute_request as given; return the raw reply and the result.
 
         The kernel proxy uses this to pass a frontend's request through
-        unchanged and to see every raw message (``on_message``) as it arrives.
+        unchanged and to see every raw message (``on_message``) as it arrives;
+        with ``record_later`` the registry write happens after the caller has
+        sent its reply, off the cell's critical path.
         """
         timing = Timing()
         conn = await self._ensure_attached(timing)
@@ -141,7 +144,11 @@ class AsyncSession:
                 self._record(content["code"], "dead", ExecutionResult("dead", None), started)
                 raise
         result = self._result(reply, outputs, timing.finish())
-        self._record(content["code"], result.status, result, started)
+        if record_later:
+            asyncio.get_running_loop().call_soon(
+                self._record, content["code"], result.status, result, started)
+        else:
+            self._record(content["code"], result.status, result, started)
         return reply, result
 
     async def request(

@@ -1,0 +1,124 @@
+"""JupyterLab in headless Chromium: pick "Python 3 (sandbox)", run cells, see their output.
+
+Screenshots go to ``test-artifacts/`` so a person can look at what the browser showed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, short_tmpdir
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(kernel_home) -> Iterator[dict]:
+    root = short_tmpdir("sklab-")
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"),
+           "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
+    log = open(root / "lab.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+         "--ServerApp.disable_check_xsrf=True"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"JupyterLab did not start: {(root / 'lab.log').read_text()}") from None
+            time.sleep(0.3)
+    yield {"base": base, "token": token, "root": root}
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(20)
+    proc.kill()
+    log.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _notebook(path: Path, cells: list[str]) -> None:
+    path.write_text(json.dumps({
+        "cells": [{"cell_type": "code", "source": src, "metadata": {}, "outputs": [],
+                   "execution_count": None} for src in cells],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+    }))
+
+
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_lab_runs_cells_in_the_sandbox_kernel(lab, browser):
+    _notebook(lab["root"] / "browser.ipynb", [
+        "import os\nprint('sandbox says', 6 * 7, 'from', os.getcwd())",
+        "import io, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "from IPython.display import Image\nfig, ax = plt.subplots(figsize=(3, 2))\n"
+        "ax.plot([1, 3, 2])\nbuf = io.BytesIO(); fig.savefig(buf, format='png')\n"
+        "Image(buf.getvalue())",
+    ])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{lab['base']}/lab/tree/browser.ipynb?token={lab['token']}")
+    page.wait_for_selector(".jp-Dialog", timeout=60_000)
+    screenshot(page, "lab-kernel-dialog")
+    dialog = page.locator(".jp-Dialog")
+    dialog.locator("select").select_option(label="Python 3 (sandbox)")
+    dialog.locator("button.jp-mod-accept").click()
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.name"
+        " === 'sandbox-python'", timeout=60_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector("text=sandbox says 42 from /home/sandbox", timeout=120_000)
+    page.wait_for_selector(".jp-OutputArea-output img", timeout=120_000)
+    shot = screenshot(page, "lab-sandbox-kernel")
+    assert shot.stat().st_size > 10_000
+    text = page.inner_text(".jp-NotebookPanel")
+    assert "sandbox says 42 from /home/sandbox" in text
+    img = page.locator(".jp-OutputArea-output img").first
+    assert img.get_attribute("src").startswith("data:image/png;base64,")
+    assert img.evaluate("i => i.naturalWidth") > 100
+    page.close()
