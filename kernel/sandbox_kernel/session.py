@@ -329,31 +329,23 @@ class AsyncSession:
             conn.close()
 
 
+def _delegate(name: str) -> Any:
+    """A read-only attribute of the wrapped AsyncSession."""
+    return property(lambda self: getattr(self._inner, name),
+                    doc=f"The session's ``{name}`` (see AsyncSession).")
+
+
 class Session:
     """The blocking face of :class:`AsyncSession`; callbacks run on the portal thread."""
 
     def __init__(self, inner: AsyncSession):
         self._inner = inner
 
-    @property
-    def id(self) -> str:
-        return self._inner.id
-
-    @property
-    def name(self) -> str:
-        return self._inner.name
-
-    @property
-    def language(self) -> str:
-        return self._inner.language
-
-    @property
-    def status(self) -> str:
-        return self._inner.status
-
-    @property
-    def work_dir(self) -> Path:
-        return self._inner.work_dir
+    id = _delegate("id")
+    name = _delegate("name")
+    language = _delegate("language")
+    status = _delegate("status")
+    work_dir = _delegate("work_dir")
 
     @property
     def async_session(self) -> AsyncSession:
