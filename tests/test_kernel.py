@@ -52,6 +52,12 @@ def execute(kc, code: str, timeout: float = 60):
     reply = kc.execute_interactive(code, timeout=timeout, output_hook=msgs.append)
     for m in msgs:  # every relayed message names the frontend's own request as parent
         assert m["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+    # ...and they come in protocol order, even though the sandbox starts before the proxy
+    # has published busy and execute_input.
+    kinds = [m["msg_type"] for m in msgs]
+    assert kinds[:2] == ["status", "execute_input"], kinds
+    assert msgs[0]["content"]["execution_state"] == "busy"
+    assert msgs[-1]["content"].get("execution_state") == "idle", kinds
     return reply["content"], msgs
 
 

@@ -16,12 +16,13 @@ import contextlib
 import hmac
 import inspect
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.session import Session
 
 Message = dict[str, Any]
 #: Signatures remembered to refuse a replayed message, as jupyter_client's Session does.
@@ -32,6 +33,37 @@ StdinHook = Callable[[str, bool], "str | Awaitable[str]"]
 
 class ConnectionLost(Exception):
     """The kernel went away while requests were waiting on it."""
+
+
+def unpack_message(
+    session: Session, frames: list[bytes], seen: Container[bytes] = ()
+) -> Message:
+    """Verify and unpack a message, as Session.deserialize does minus its date parsing.
+
+    jupyter_client turns every ISO date in the headers into a datetime, 40 of
+    its 57 microseconds per message; nothing here reads those dates, and the
+    kernel proxy unpacks several messages per cell on its critical path. A
+    signature in ``seen`` is refused as a replay.
+    """
+    if len(frames) < 5:
+        raise ValueError("malformed message")
+    signature = frames[0]
+    if session.auth is not None:
+        if not signature or signature in seen:
+            raise ValueError("unsigned or replayed message")
+        if not hmac.compare_digest(signature, session.sign(frames[1:5])):
+            raise ValueError("invalid signature")
+    unpack = session.unpack
+    header = unpack(frames[1])
+    return {
+        "header": header,
+        "msg_id": header["msg_id"],
+        "msg_type": header["msg_type"],
+        "parent_header": unpack(frames[2]),
+        "metadata": unpack(frames[3]),
+        "content": unpack(frames[4]),
+        "buffers": [memoryview(b) for b in frames[5:]],
+    }
 
 
 class _Request:
@@ -143,34 +175,11 @@ class KernelConnection:
                 traceback.print_exc()
 
     def _unpack(self, frames: list[bytes]) -> Message:
-        """Verify and unpack a message, as Session.deserialize does minus its date parsing.
-
-        jupyter_client turns every ISO date in the headers into a datetime, 40 of
-        its 57 microseconds per message; nothing here reads those dates, and the
-        kernel proxy unpacks several messages per cell on its critical path.
-        """
-        if len(frames) < 5:
-            raise ValueError("malformed message")
-        signature = frames[0]
-        if self.session.auth is not None:
-            if not signature or signature in self._seen:
-                raise ValueError("unsigned or replayed message")
-            if not hmac.compare_digest(signature, self.session.sign(frames[1:5])):
-                raise ValueError("invalid signature")
-            self._seen[signature] = None
-            if len(self._seen) > _SEEN_SIGNATURES:
-                self._seen.popitem(last=False)
-        unpack = self.session.unpack
-        header = unpack(frames[1])
-        return {
-            "header": header,
-            "msg_id": header["msg_id"],
-            "msg_type": header["msg_type"],
-            "parent_header": unpack(frames[2]),
-            "metadata": unpack(frames[3]),
-            "content": unpack(frames[4]),
-            "buffers": [memoryview(b) for b in frames[5:]],
-        }
+        msg = unpack_message(self.session, frames, self._seen)
+        self._seen[frames[0]] = None
+        if len(self._seen) > _SEEN_SIGNATURES:
+            self._seen.popitem(last=False)
+        return msg
 
     def _dispatch(self, channel: str, msg: Message) -> None:
         parent = msg.get("parent_header", {}).get("msg_id")

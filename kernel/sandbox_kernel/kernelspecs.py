@@ -20,16 +20,24 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from .errors import InvalidArgument
 from .sandbox.launcher import KernelCommand
 
-#: ipykernel as the sandbox runs it: without the shell-channel thread, which serves
-#: only subshells (the proxy offers none) and costs two thread hops per request. Inline,
-#: because the sandbox cannot import sandbox_kernel. `make bench` measures the gain.
+#: ipykernel as the sandbox runs it, inline because the sandbox cannot import
+#: sandbox_kernel. Two things a client of ours never needs are left out:
+#: - the shell-channel thread, which serves only subshells (the proxy offers none)
+#:   and costs two thread hops per request;
+#: - the 0.5 ms sleep before every execute_reply, ipykernel's guard against stream
+#:   output arriving after the reply: our clients wait for the kernel's idle
+#:   status, which follows every output on the same socket.
+#: `make bench` measures both.
 INNER_IPYKERNEL = (
     "from ipykernel.kernelapp import IPKernelApp\n"
+    "from traitlets.config import Config\n"
     "class SandboxedKernelApp(IPKernelApp):\n"
     "    def init_sockets(self):\n"
     "        super().init_sockets()\n"
     "        self.shell_channel_thread = None\n"
-    "SandboxedKernelApp.launch_instance()\n"
+    "config = Config()\n"
+    "config.Kernel._execute_sleep = 0.0\n"
+    "SandboxedKernelApp.launch_instance(config=config)\n"
 )
 
 

@@ -113,43 +113,33 @@ class AsyncSession:
         sent its reply, off the cell's critical path.
         """
         timing = Timing()
-        conn = await self._ensure_attached(timing)
-        outputs: list[dict[str, Any]] = []
+        await self._ensure_attached(timing)
+        pending = self.start_execute(content, on_output=on_output, on_stdin=on_stdin,
+                                     on_message=on_message, metadata=metadata, timing=timing)
+        return await pending.finish(timeout, record_later)
 
-        def collect(channel: str, msg: dict[str, Any]) -> None:
-            if on_message is not None:
-                on_message(channel, msg)
-            if channel == "iopub":
-                out = output_from_message(msg)
-                if out is not None:
-                    outputs.append(out)
-                    if on_output is not None:
-                        on_output(out)
+    def start_execute(
+        self,
+        content: dict[str, Any],
+        *,
+        on_output: OutputHook | None = None,
+        on_stdin: StdinHook | None = None,
+        on_message: MessageHook | None = None,
+        metadata: dict[str, Any] | None = None,
+        timing: Timing | None = None,
+    ) -> PendingExecution:
+        """Send the request now, synchronously (the session must be attached).
 
-        started = time.time()
-        with timing.stage("execute"):
-            fut = conn.send("shell", "execute_request", content, on_message=collect,
-                            on_stdin=on_stdin, metadata=metadata)
-            try:
-                reply = await self._wait(fut, timeout)
-            except TimeoutError:
-                reply = await self._interrupt_after_timeout(fut, timeout)
-                result = self._result(reply, outputs, timing.finish())
-                self._record(content["code"], "timeout", result, started)
-                raise ExecutionTimeout(
-                    f"the code ran longer than {timeout:g} s and was interrupted; "
-                    "the session is still usable"
-                ) from None
-            except SessionDead:
-                self._record(content["code"], "dead", ExecutionResult("dead", None), started)
-                raise
-        result = self._result(reply, outputs, timing.finish())
-        if record_later:
-            asyncio.get_running_loop().call_soon(
-                self._record, content["code"], result.status, result, started)
-        else:
-            self._record(content["code"], result.status, result, started)
-        return reply, result
+        Lets the kernel proxy start the sandbox's work the moment a request
+        arrives and do its own bookkeeping meanwhile; ``finish()`` awaits it.
+        """
+        if self._conn is None:
+            raise RuntimeError("start_execute needs an attached session; use execute()")
+        pending = PendingExecution(self, content, timing or Timing(), on_output, on_message)
+        pending.future = self._conn.send("shell", "execute_request", content,
+                                         on_message=pending.collect, on_stdin=on_stdin,
+                                         metadata=metadata)
+        return pending
 
     async def request(
         self, msg_type: str, content: dict[str, Any], timeout: float | None = 60
@@ -327,6 +317,62 @@ class AsyncSession:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+class PendingExecution:
+    """An execute_request on its way: outputs gather as they come; ``finish()`` waits."""
+
+    def __init__(self, session: AsyncSession, content: dict[str, Any], timing: Timing,
+                 on_output: OutputHook | None, on_message: MessageHook | None):
+        self.session = session
+        self.content = content
+        self.timing = timing
+        self.on_output = on_output
+        self.on_message = on_message
+        self.outputs: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.sent = time.perf_counter()
+        self.future: asyncio.Future[dict[str, Any]] | None = None
+
+    def collect(self, channel: str, msg: dict[str, Any]) -> None:
+        if self.on_message is not None:
+            self.on_message(channel, msg)
+        if channel == "iopub":
+            out = output_from_message(msg)
+            if out is not None:
+                self.outputs.append(out)
+                if self.on_output is not None:
+                    self.on_output(out)
+
+    async def finish(
+        self, timeout: float | None = None, record_later: bool = False
+    ) -> tuple[dict[str, Any], ExecutionResult]:
+        session, code = self.session, self.content["code"]
+        assert self.future is not None
+        try:
+            reply = await session._wait(self.future, timeout)
+        except TimeoutError:
+            reply = await session._interrupt_after_timeout(self.future, timeout)
+            result = self._result(reply)
+            session._record(code, "timeout", result, self.started)
+            raise ExecutionTimeout(
+                f"the code ran longer than {timeout:g} s and was interrupted; "
+                "the session is still usable"
+            ) from None
+        except SessionDead:
+            session._record(code, "dead", ExecutionResult("dead", None), self.started)
+            raise
+        result = self._result(reply)
+        if record_later:
+            asyncio.get_running_loop().call_soon(
+                session._record, code, result.status, result, self.started)
+        else:
+            session._record(code, result.status, result, self.started)
+        return reply, result
+
+    def _result(self, reply: dict[str, Any]) -> ExecutionResult:
+        self.timing["execute"] = self.timing.get("execute", 0.0) + time.perf_counter() - self.sent
+        return self.session._result(reply, self.outputs, self.timing.finish())
 
 
 def _delegate(name: str) -> Any:
