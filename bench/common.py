@@ -35,7 +35,7 @@ def print_table(rows: list[Row]) -> None:
     head = ("metric", "ours", "peer", "peer is", "ratio", "target")
     lines = [head] + [
         (r.metric, f"{r.ours:.2f} {r.unit}", f"{r.peer:.2f} {r.unit}", r.peer_name,
-         f"{r.ratio:.2f}x", r.target)
+         _ratio(r), r.target)
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -43,6 +43,13 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def _ratio(row: Row) -> str:
+    text = f"{row.ratio:.3g}x"
+    if 0 < row.ratio < 0.5:
+        text += f" ({1 / row.ratio:.0f}x faster)"
+    return text
 
 
 def save(rows: list[Row], path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_core import bench_create, bench_kernel_cell, bench_run  # noqa: E402
+from bench_packages import bench_packages  # noqa: E402
 from common import print_table, save  # noqa: E402
 
 from sandbox_kernel import SessionManager  # noqa: E402
@@ -23,6 +24,8 @@ from sandbox_kernel import SessionManager  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    parser.add_argument("--no-network", action="store_true",
+                        help="skip the rows that install packages from the registry")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="skb-", dir="/tmp"))
     os.environ["SANDBOX_KERNEL_HOME"] = str(home)  # kernels started here inherit it
@@ -31,6 +34,8 @@ def main() -> None:
         rows = bench_create(manager, rounds=2 if args.quick else 7)
         rows += bench_run(manager, rounds=100 if args.quick else 600)
         rows += bench_kernel_cell(rounds=100 if args.quick else 600)
+        if not args.no_network:
+            rows += bench_packages(manager)
     finally:
         for s in manager.list(status=["starting", "running", "dead"]):
             manager.close(s.id)

@@ -81,6 +81,32 @@ def test_cells_run_in_the_notebooks_sandbox_session(kernel, kernel_home):
     assert len(mine) == 1 and mine[0]["isolation"] == "bwrap"
 
 
+def test_a_cell_sees_no_output_that_is_not_its_own(kernel, kernel_home):
+    """Start-up chatter of the sandbox's kernel, or another client's cells, stay out."""
+    import queue
+
+    _, kc = kernel("work/foreign.ipynb")
+    first = kc.execute("from IPython.display import clear_output; print('mine'); clear_output()")
+    kc.get_shell_msg(timeout=60)
+    (other,) = [s for s in SessionManager(home=str(kernel_home)).list(status="running")
+                if s.name.startswith("foreign-")]
+    assert other.run("print('from another client')").stdout == "from another client\n"
+    second = kc.execute("print('mine again')")
+    kc.get_shell_msg(timeout=60)
+    foreign, idle = [], 0
+    while idle < 2:
+        try:
+            msg = kc.get_iopub_msg(timeout=5)
+        except queue.Empty:
+            break
+        mine = msg["parent_header"].get("msg_id") in (first, second)
+        if not mine and msg["msg_type"] not in ("status", "iopub_welcome"):
+            foreign.append((msg["msg_type"], msg["content"]))
+        if mine and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idle += 1
+    assert idle == 2 and foreign == []
+
+
 def test_restart_reattaches_with_variables_intact(kernel):
     km, kc = kernel("work/restart.ipynb")
     execute(kc, "kept = [1, 2, 3]")

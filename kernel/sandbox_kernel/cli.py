@@ -20,6 +20,7 @@ from traitlets import Bool, Float, List, Unicode
 
 from .errors import SandboxError
 from .manager import SessionManager
+from .packages import PackageInstaller
 from .sandbox.launcher import BwrapLauncher
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -30,7 +31,7 @@ class _Command(JupyterApp):
 
     name = "jupyter-sandbox"
     version = "0.1.0"
-    classes = [SessionManager, BwrapLauncher]
+    classes = [SessionManager, BwrapLauncher, PackageInstaller]
     json = Bool(False, help="Print JSON instead of text.").tag(config=True)
     flags = {
         **JupyterApp.flags,
@@ -179,8 +180,9 @@ class CloseCommand(_Command):
 
 
 class InstallCommand(_Command):
-    description = ("Install the 'Python 3 (sandbox)' kernelspec: "
-                   "sandbox-kernel install [--user | --sys-prefix | --prefix P].")
+    description = ("Install packages into a session: sandbox-kernel install NAME PKG...; "
+                   "with no NAME, install the 'Python 3 (sandbox)' kernelspec "
+                   "[--user | --sys-prefix | --prefix P].")
     usage = "install"
     user = Bool(False, help="Install for this user only.").tag(config=True)
     sys_prefix = Bool(False, help="Install into sys.prefix (the active venv).").tag(config=True)
@@ -193,9 +195,26 @@ class InstallCommand(_Command):
     aliases = {"prefix": "InstallCommand.prefix"}
 
     def run(self) -> None:
+        if self.extra_args:
+            self.install_packages()
+        else:
+            self.install_kernelspec()
+
+    def install_packages(self) -> None:
+        if len(self.extra_args) < 2:
+            self.fail("usage: sandbox-kernel install NAME PKG [PKG ...]")
+        key, *packages = self.extra_args
+        result = self.manager().get(key).install(packages)
+        if self.json:
+            print(json.dumps(result.__dict__, indent=2, default=str))
+            return
+        print(result.summary())
+        for insight in result.insights:
+            print(f"insight: {insight}")
+
+    def install_kernelspec(self) -> None:
         from .kernelspec import install
 
-        self.positional(0, "[--user | --sys-prefix | --prefix P]")
         if sum([self.user, self.sys_prefix, self.prefix is not None]) > 1:
             self.fail("choose one of --user, --sys-prefix and --prefix")
         prefix = sys.prefix if self.sys_prefix else self.prefix
@@ -204,6 +223,17 @@ class InstallCommand(_Command):
         except OSError as exc:
             self.fail(f"cannot install the kernelspec: {exc}")
         print(f"installed kernelspec sandbox-python in {where}")
+
+
+class GcCommand(_Command):
+    description = "Remove package layers that no session uses."
+    usage = "gc"
+
+    def run(self) -> None:
+        self.positional(0, "")
+        removed = self.manager().gc()
+        print(f"removed {len(removed)} layer{'s' if len(removed) != 1 else ''}"
+              + (": " + ", ".join(removed) if removed else ""))
 
 
 class SandboxKernelApp(_Command):
@@ -215,6 +245,7 @@ class SandboxKernelApp(_Command):
         "run": (RunCommand, RunCommand.description),
         "close": (CloseCommand, CloseCommand.description),
         "install": (InstallCommand, InstallCommand.description),
+        "gc": (GcCommand, GcCommand.description),
     }
 
     def start(self) -> None:

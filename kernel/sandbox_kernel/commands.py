@@ -44,6 +44,9 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
     add("info", "Show this notebook's session: id, status, isolation, limits, work directory.")
     add("timing", "Show where the last cell's time went, stage by stage.")
+    install = add("install", "Install packages into the session (uv, outside the sandbox; "
+                  "cached and shared by every session that needs the same set).")
+    install.add_argument("packages", nargs="+", metavar="PKG", help="requirement strings")
     new = add("new", "Start a fresh session for this notebook; the old one is left to its lease.")
     new.add_argument("name", nargs="?", help="a name for the new session")
     help_ = add("help", "Show the commands, or one command's usage.")
@@ -84,10 +87,12 @@ class SessionCommands:
         info: Callable[[], dict[str, Any]],
         last_timing: Callable[[], dict[str, float] | None],
         new_session: Callable[[str | None], Awaitable[dict[str, Any]]],
+        install: Callable[[list[str]], Awaitable[Any]] | None = None,
     ):
         self._info = info
         self._last_timing = last_timing
         self._new_session = new_session
+        self._install = install
 
     async def run(self, line: str) -> CommandOutput:
         try:
@@ -109,6 +114,13 @@ class SessionCommands:
             return render_info(self._info())
         if name == "timing":
             return render_timing(self._last_timing())
+        if name == "install":
+            if self._install is None:
+                raise CommandError("%session install: not available here")
+            result = await self._install(args.packages)
+            lines = [result.summary(), *(f"insight: {i}" for i in result.insights)]
+            return CommandOutput("\n".join(lines), data={"timing": result.timing,
+                                                          "layers": result.layers})
         if name == "new":
             info = await self._new_session(args.name)
             return CommandOutput(

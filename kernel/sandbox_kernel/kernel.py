@@ -82,7 +82,7 @@ class SandboxKernel(Kernel):
         self._early: _EarlyExecute | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commands = SessionCommands(self._session_info, lambda: self._last_timing,
-                                        self._new_session)
+                                        self._new_session, self._install)
 
     # -- start-up: find or create the session, in the background -----------
 
@@ -150,6 +150,12 @@ class SandboxKernel(Kernel):
         self._ready = asyncio.ensure_future(self._adopt(session))
         return session.info()
 
+    async def _install(self, packages: list[str]) -> Any:
+        sandbox = await self._sandbox()
+        result = await sandbox.install(packages)
+        self._last_timing = {f"install.{k}": v for k, v in result.timing.items()}
+        return result
+
     def _session_info(self) -> dict[str, Any]:
         if self.sandbox is None:
             raise CommandError("%session: the session is still being set up; try again")
@@ -209,7 +215,7 @@ class SandboxKernel(Kernel):
         early.pending = sandbox.start_execute(
             {**content, "stop_on_error": False}, on_message=early.relay,
             on_stdin=early.ask if content.get("allow_stdin") else None,
-            metadata={"cellId": cell_id} if cell_id else None)
+            metadata={"cellId": cell_id} if cell_id else None, msg_id=request["msg_id"])
         return early
 
     async def do_execute(  # type: ignore[override]
@@ -275,10 +281,11 @@ class SandboxKernel(Kernel):
                 early.go_live(parent, ident)
                 reply, result = await early.pending.finish(record_later=True)
             else:
+                self._remember(parent)
                 reply, result = await sandbox.execute(
                     content, on_message=relay, on_stdin=ask if allow_stdin else None,
                     metadata={"cellId": cell_meta.get("cellId")} if cell_meta else None,
-                    record_later=True)
+                    record_later=True, msg_id=parent["header"]["msg_id"])
         except (SessionDead, SessionClosed) as exc:
             return self._error_reply(exc, hint="In this notebook, `%session new` starts a fresh "
                                      "session.")
@@ -385,12 +392,21 @@ class SandboxKernel(Kernel):
             self._parents.popitem(last=False)
 
     def _relay_unrouted(self, channel: str, msg: dict[str, Any]) -> None:
-        """Sandbox output no request of ours waits for: replies to comms, background output."""
-        if channel != "iopub" or msg["header"]["msg_type"] == "status":
+        """Sandbox output no request of ours waits for: replies to comms, output from threads.
+
+        What names a request of this frontend goes out under that request.
+        Comm traffic goes out in any case (widgets updated from threads need
+        it). The rest (the sandbox kernel's own start-up output, its
+        iopub_welcome, another client's cells) is not this frontend's.
+        """
+        kind = msg["header"]["msg_type"]
+        if channel != "iopub" or kind in ("status", "iopub_welcome"):
             return
-        parent_id = msg.get("parent_header", {}).get("msg_id")
-        parent = self._parents.get(parent_id) or msg.get("parent_header", {})
-        self._publish(msg, parent)
+        parent = self._parents.get(msg.get("parent_header", {}).get("msg_id"))
+        if parent is not None:
+            self._publish(msg, parent)
+        elif kind.startswith("comm_"):
+            self._publish(msg, msg.get("parent_header") or {})
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -428,6 +444,7 @@ class _EarlyExecute:
 
     def go_live(self, parent: dict[str, Any], ident: Any) -> None:
         self.parent, self.ident = parent, ident
+        self.kernel._remember(parent)
         for msg in self.held:
             self.kernel._publish(msg, parent)
         self.held.clear()

@@ -27,8 +27,14 @@ from .sandbox.launcher import KernelCommand
 #: - the 0.5 ms sleep before every execute_reply, ipykernel's guard against stream
 #:   output arriving after the reply: our clients wait for the kernel's idle
 #:   status, which follows every output on the same socket.
-#: `make bench` measures both.
+#: `make bench` measures both. Package layers (SANDBOX_KERNEL_LAYERS, oldest first) go
+#: on sys.path before anything is imported.
 INNER_IPYKERNEL = (
+    "import os, site, sys\n"
+    "for _p in filter(None, os.environ.get('SANDBOX_KERNEL_LAYERS', '').split(os.pathsep)):\n"
+    "    site.addsitedir(_p)\n"  # .pth files of packages count too
+    "    sys.path.remove(_p)\n"
+    "    sys.path.insert(0, _p)\n"  # the newest layer first, all before the base
     "from ipykernel.kernelapp import IPKernelApp\n"
     "from traitlets.config import Config\n"
     "class SandboxedKernelApp(IPKernelApp):\n"

@@ -10,6 +10,7 @@ configuration and the async core (``_async_*``) behind blocking methods, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -43,10 +44,11 @@ from .errors import (
 )
 from .kernelspecs import kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
+from .packages import PackageInstaller, parse_requirements
 from .paths import MAX_SOCKET_PATH, SessionLayout, default_home
 from .registry import LIVE_STATUSES, Registry
 from .sandbox import supervisor
-from .sandbox.launcher import BwrapLauncher, SandboxLauncher
+from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
 from .session import PORTS, AsyncSession, Session
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -92,6 +94,11 @@ class SessionManager(LoggingConfigurable):
         "merged over the built-in defaults."
     ).tag(config=True)
     bwrap_launcher = Instance(BwrapLauncher)
+    installer = Instance(PackageInstaller)
+
+    @default("installer")
+    def _installer_default(self) -> PackageInstaller:
+        return PackageInstaller(Path(self.home), self.registry, parent=self)
 
     @default("bwrap_launcher")
     def _bwrap_launcher_default(self) -> BwrapLauncher:
@@ -195,7 +202,18 @@ class SessionManager(LoggingConfigurable):
             "execution_count": row["execution_count"],
             "work_dir": str(sdir / "work"),
             "pid": row["supervisor_pid"],
+            "packages": row["packages"].get("requested", []),
+            "layers": row["packages"].get("layers", []),
         }
+
+    def _layer_dir(self, isolation: str, layer_id: str) -> str:
+        """A layer's site-packages as the kernel of a sandbox of that isolation sees it."""
+        launcher = self.bwrap_launcher if isolation == "bwrap" else SandboxLauncher(parent=self)
+        return f"{launcher.layers_path(self.installer.layers_dir)}/{layer_id}/site-packages"
+
+    def gc(self) -> list[str]:
+        """Remove package layers that no session uses any more."""
+        return self.installer.gc(self.registry.layers_in_use())
 
     def _handle(self, row: dict[str, Any]) -> AsyncSession:
         session = self._sessions.get(row["id"])
@@ -214,6 +232,7 @@ class SessionManager(LoggingConfigurable):
         env: Mapping[str, str] | None = None,
         limits: Mapping[str, Any] | None = None,
         wait: bool = True,
+        packages: Iterable[str] | None = None,
     ) -> AsyncSession:
         session_id = secrets.token_hex(6)
         name = session_id if name is None else _check_name(name)
@@ -224,6 +243,8 @@ class SessionManager(LoggingConfigurable):
             timeout = self.default_timeout
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        requested = [str(r) for r in parse_requirements(packages or [],
+                                                        self.installer.allow_direct_references)]
         launcher = self._launcher()
         command = kernel_command(language, self.python)
         layout = SessionLayout(Path(self.home) / "sessions" / session_id)
@@ -245,9 +266,17 @@ class SessionManager(LoggingConfigurable):
             raise NameTaken(name) from None
         try:
             layout.make()
+            install = None
+            if requested:
+                install = await asyncio.to_thread(self.installer.install, self.python, requested)
+                self.registry.update(session_id, packages={"requested": install.requested,
+                                                           "layers": install.layers})
             env = {**env, "SANDBOX_KERNEL_SESSION": session_id,
                    "SANDBOX_KERNEL_SESSION_NAME": name}
-            plan = launcher.plan(layout, command, env)
+            if install and install.layers:
+                env[LAYERS_ENV] = os.pathsep.join(
+                    self._layer_dir(launcher.isolation, lid) for lid in install.layers)
+            plan = launcher.plan(layout, command, env, self.installer.layers_dir)
             key = str(uuid.uuid4()).encode()
             write_connection_file(str(layout.kernel / "kernel.json"), ip=plan.kernel_socket_prefix,
                                   key=key, transport="ipc", **PORTS)
@@ -265,6 +294,7 @@ class SessionManager(LoggingConfigurable):
                                      reason=f"could not be started: {exc}")
             raise
         session = self._handle(self.registry.session(session_id) or {})
+        session.last_install = install
         if wait:
             try:
                 await session.connection()
@@ -353,10 +383,15 @@ class SessionManager(LoggingConfigurable):
         env: Mapping[str, str] | None = None,
         limits: Mapping[str, Any] | None = None,
         wait: bool = True,
+        packages: Iterable[str] | None = None,
     ) -> Session:
-        """Start a new session; with ``wait`` (default) return when its kernel answers."""
+        """Start a new session; with ``wait`` (default) return when its kernel answers.
+
+        ``packages`` are requirement strings, installed with uv outside the sandbox
+        (once per resolved set, then shared) before the kernel starts.
+        """
         return Session(portal.call(self._async_create(
-            name, language, timeout, tags, env, limits, wait)))
+            name, language, timeout, tags, env, limits, wait, packages)))
 
     def get(self, key: str) -> Session:
         """Attach to a session by id or name, from this or any other process."""

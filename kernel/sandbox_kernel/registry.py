@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     connection_file TEXT NOT NULL,
     supervisor_pid INTEGER,
     supervisor_started REAL,
-    execution_count INTEGER NOT NULL DEFAULT 0
+    execution_count INTEGER NOT NULL DEFAULT 0,
+    packages TEXT NOT NULL DEFAULT '{}'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name
     ON sessions(name) WHERE status NOT IN ('closed');
@@ -54,6 +55,19 @@ CREATE TABLE IF NOT EXISTS executions (
     timing TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS executions_session ON executions(session_id, id);
+CREATE TABLE IF NOT EXISTS resolutions (
+    key TEXT PRIMARY KEY,
+    pins TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    pins TEXT NOT NULL,
+    python TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bindings (
     key TEXT PRIMARY KEY,
     session_id TEXT NOT NULL REFERENCES sessions(id),
@@ -63,7 +77,9 @@ CREATE TABLE IF NOT EXISTS bindings (
 
 #: Statuses in which a sandbox process is expected to exist.
 LIVE_STATUSES = ("starting", "running")
-_JSON_COLUMNS = ("tags", "limits", "env")
+_JSON_COLUMNS = ("tags", "limits", "env", "packages")
+#: Changes that CREATE ... IF NOT EXISTS cannot make, by the version that needs them.
+_MIGRATIONS = {3: ["ALTER TABLE sessions ADD COLUMN packages TEXT NOT NULL DEFAULT '{}'"]}
 
 
 class Registry:
@@ -81,10 +97,14 @@ class Registry:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:
-            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                steps = [sql for v, sqls in sorted(_MIGRATIONS.items()) if version and v > version
+                         for sql in sqls]
                 # executescript manages its own transaction: make it one, all or nothing.
                 self._db.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN IMMEDIATE; {''.join(s + ';' for s in steps)} {_SCHEMA} "
+                    f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
                 )
 
     def close(self) -> None:
@@ -186,6 +206,52 @@ class Registry:
         with self._lock:
             row = self._db.execute("SELECT session_id FROM bindings WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
+
+    # -- packages: cached resolutions and built layers ------------------------
+
+    def cached_resolution(self, key: str, max_age: float) -> dict[str, str] | None:
+        with self._lock:
+            row = self._db.execute("SELECT pins, created FROM resolutions WHERE key=?",
+                                   (key,)).fetchone()
+        if row is None or time.time() - row[1] > max_age:
+            return None
+        return json.loads(row[0])
+
+    def store_resolution(self, key: str, pins: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO resolutions (key, pins, created) VALUES (?, ?, ?)",
+                       (key, json.dumps(pins), time.time()))
+
+    def layer(self, layer_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM layers WHERE id=?", (layer_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d["pins"] = json.loads(d["pins"])
+        return d
+
+    def store_layer(self, layer_id: str, pins: dict[str, str], python: str, size: int) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO layers (id, pins, python, size, created, last_used) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (layer_id, json.dumps(pins), python, size, now, now))
+
+    def touch_layer(self, layer_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE layers SET last_used=? WHERE id=?", (time.time(), layer_id))
+
+    def forget_layer(self, layer_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM layers WHERE id=?", (layer_id,))
+
+    def layers_in_use(self) -> set[str]:
+        """Layers of every session that is not closed (a dead one may still be inspected)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT packages FROM sessions WHERE status != 'closed'").fetchall()
+        return {layer for (p,) in rows for layer in json.loads(p).get("layers", [])}
 
     # -- executions -------------------------------------------------------
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import portal
 from .connection import ConnectionLost, KernelConnection, MessageHook
-from .errors import ExecutionTimeout, SessionClosed, SessionDead, StartFailed
+from .errors import ExecutionTimeout, SandboxError, SessionClosed, SessionDead, StartFailed
+from .packages import InstallResult
 from .result import ExecutionResult, output_from_message
 from .timing import Timing
 
@@ -29,6 +31,36 @@ if TYPE_CHECKING:
 
 OutputHook = Callable[[dict[str, Any]], None]
 StdinHook = Callable[[str, bool], "str | Awaitable[str]"]
+
+#: Runs in the sandbox's kernel to load new package layers; PATHS and PINS are filled in.
+_ACTIVATE = """
+def _sandbox_kernel_activate(paths, pins):
+    import importlib, importlib.metadata as md, json, re, site, sys
+    def canon(name):
+        return re.sub(r"[-_.]+", "-", name).lower()
+    before = {}
+    for name in pins:
+        try:
+            before[name] = md.version(name)
+        except md.PackageNotFoundError:
+            before[name] = None
+    for path in paths:
+        if path not in sys.path:
+            site.addsitedir(path)
+            sys.path.remove(path)
+            sys.path.insert(0, path)
+    importlib.invalidate_caches()
+    owners = md.packages_distributions()
+    stale = set()
+    for module in {m.split(".")[0] for m in list(sys.modules)}:
+        for dist in owners.get(module, []):
+            name = canon(dist)
+            if name in pins and before.get(name) and before[name] != pins[name]:
+                stale.add(f"{name} {before[name]} -> {pins[name]}")
+    print(json.dumps(sorted(stale)))
+_sandbox_kernel_activate(PATHS, PINS)
+del _sandbox_kernel_activate
+"""
 
 #: ipc socket suffixes used in every connection file we write.
 PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
@@ -46,6 +78,9 @@ class AsyncSession:
         self._watch_fd: int | None = None
         self._gone: BaseException | None = None
         self._opening: KernelConnection | None = None
+        self._install_lock = asyncio.Lock()
+        #: The outcome of the last install (or of create's packages).
+        self.last_install: InstallResult | None = None
         #: Called with (channel, message) for kernel messages no request of ours claims.
         self.on_unrouted: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -104,6 +139,8 @@ class AsyncSession:
         on_message: MessageHook | None = None,
         metadata: dict[str, Any] | None = None,
         record_later: bool = False,
+        record: bool = True,
+        msg_id: str | None = None,
     ) -> tuple[dict[str, Any], ExecutionResult]:
         """Send an execute_request as given; return the raw reply and the result.
 
@@ -115,7 +152,9 @@ class AsyncSession:
         timing = Timing()
         await self._ensure_attached(timing)
         pending = self.start_execute(content, on_output=on_output, on_stdin=on_stdin,
-                                     on_message=on_message, metadata=metadata, timing=timing)
+                                     on_message=on_message, metadata=metadata, timing=timing,
+                                     msg_id=msg_id)
+        pending.record = record
         return await pending.finish(timeout, record_later)
 
     def start_execute(
@@ -127,18 +166,22 @@ class AsyncSession:
         on_message: MessageHook | None = None,
         metadata: dict[str, Any] | None = None,
         timing: Timing | None = None,
+        msg_id: str | None = None,
     ) -> PendingExecution:
         """Send the request now, synchronously (the session must be attached).
 
         Lets the kernel proxy start the sandbox's work the moment a request
         arrives and do its own bookkeeping meanwhile; ``finish()`` awaits it.
+        ``msg_id`` reuses a frontend's id, so that output arriving after the
+        request is done (from threads) still names the frontend's request.
         """
         if self._conn is None:
             raise RuntimeError("start_execute needs an attached session; use execute()")
         pending = PendingExecution(self, content, timing or Timing(), on_output, on_message)
         pending.future = self._conn.send("shell", "execute_request", content,
                                          on_message=pending.collect, on_stdin=on_stdin,
-                                         metadata=metadata)
+                                         metadata=metadata,
+                                         header={"msg_id": msg_id} if msg_id else None)
         return pending
 
     async def request(
@@ -151,6 +194,49 @@ class AsyncSession:
     async def connection(self) -> KernelConnection:
         """The attached connection, for relaying messages that expect no reply."""
         return await self._ensure_attached(Timing())
+
+    async def install(self, packages: Iterable[str]) -> InstallResult:
+        """Install packages (with uv, outside the sandbox) and make them importable now.
+
+        The set is resolved together with what the session has; only what is
+        new is installed, as a layer shared with every session that needs the
+        same pins. The running kernel picks the layer up without a restart
+        (its import caches are invalidated); when a package it already
+        imported changed version, ``restart_needed`` names it. On failure the
+        session keeps the packages it had.
+        """
+        async with self._install_lock:
+            row = self.manager._refresh(self.id)
+            if row["status"] == "closed":
+                raise SessionClosed(self.name)
+            current = row["packages"]
+            result = await asyncio.to_thread(
+                self.manager.installer.install, self.manager.python, list(packages),
+                current.get("requested", []), current.get("layers", []))
+            requested = _merge_requested(current.get("requested", []), result.requested)
+            self.manager.registry.update(self.id, packages={"requested": requested,
+                                                            "layers": result.layers})
+            new_layers = result.layers[len(current.get("layers", [])):]
+            if new_layers and row["status"] in ("starting", "running"):
+                t = time.perf_counter()
+                result.restart_needed = await self._activate(row, new_layers,
+                                                             result.new_packages)
+                result.timing["activate"] = time.perf_counter() - t
+                result.timing["total"] += result.timing["activate"]
+            self.last_install = result
+            return result
+
+    async def _activate(self, row: dict[str, Any], layers: list[str],
+                        pins: dict[str, str]) -> list[str]:
+        """Put new layers on the running kernel's sys.path; name imported packages now stale."""
+        paths = [self.manager._layer_dir(row["isolation"], lid) for lid in layers]
+        code = _ACTIVATE.replace("PATHS", repr(paths)).replace("PINS", repr(pins))
+        _, result = await self.execute(
+            {"code": code, "silent": True, "store_history": False, "user_expressions": {},
+             "allow_stdin": False, "stop_on_error": False}, record=False)
+        if not result.ok:
+            raise SandboxError(f"the kernel could not load the new packages: {result.error}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
 
     async def interrupt(self) -> None:
         """Interrupt the running code, as Ctrl-C would (KeyboardInterrupt in the sandbox)."""
@@ -319,6 +405,12 @@ class AsyncSession:
             conn.close()
 
 
+def _merge_requested(old: list[str], new: list[str]) -> list[str]:
+    from .packages import _merge_specs
+
+    return _merge_specs([*old, *new])
+
+
 class PendingExecution:
     """An execute_request on its way: outputs gather as they come; ``finish()`` waits."""
 
@@ -333,6 +425,8 @@ class PendingExecution:
         self.started = time.time()
         self.sent = time.perf_counter()
         self.future: asyncio.Future[dict[str, Any]] | None = None
+        #: Internal requests (activating packages) are not the user's history.
+        self.record = True
 
     def collect(self, channel: str, msg: dict[str, Any]) -> None:
         if self.on_message is not None:
@@ -363,6 +457,8 @@ class PendingExecution:
             session._record(code, "dead", ExecutionResult("dead", None), self.started)
             raise
         result = self._result(reply)
+        if not self.record:
+            return reply, result
         if record_later:
             asyncio.get_running_loop().call_soon(
                 session._record, code, result.status, result, self.started)
@@ -424,6 +520,16 @@ class Session:
             raise
         except concurrent.futures.CancelledError:
             raise SessionDead(self.name, "the run was cancelled") from None
+
+    def install(self, packages: Iterable[str]) -> InstallResult:
+        """Install packages into this session (see AsyncSession.install)."""
+        if isinstance(packages, str):
+            packages = [packages]
+        return portal.call(self._inner.install(packages))
+
+    @property
+    def last_install(self) -> InstallResult | None:
+        return self._inner.last_install
 
     def interrupt(self) -> None:
         portal.call(self._inner.interrupt())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class Timing(dict[str, float]):
@@ -32,3 +33,25 @@ class Timing(dict[str, float]):
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def install_insights(result: Any) -> list[str]:
+    """What an install's figures say, and what to do about them."""
+    timing = result.timing
+    total = timing.get("total", 0.0)
+    out = []
+    if not result.cache_hit and timing.get("install", 0.0) > 0.5 * total and total > 1.0:
+        out.append(
+            f"installing took {timing['install']:.1f} s of {total:.1f} s (cache miss): the layer "
+            "is cached now, so every session asking for the same set reuses it in milliseconds; "
+            "create sessions with packages=[...] or a template that names this set"
+        )
+    if timing.get("resolve", 0.0) > 1.0:
+        out.append(
+            f"resolving took {timing['resolve']:.1f} s: pin versions (name==1.2.3) or keep the "
+            "set stable so the cached resolution is reused"
+        )
+    if result.restart_needed:
+        out.append("packages already imported changed version: restart the session's kernel "
+                   "(or start a fresh session) to use the new versions")
+    return out

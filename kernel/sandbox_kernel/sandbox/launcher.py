@@ -26,6 +26,8 @@ from ..paths import SessionLayout
 INSIDE_WORK = "/home/sandbox"
 INSIDE_KERNEL = "/run/kernel"
 INSIDE_TMP = "/tmp"
+INSIDE_LAYERS = "/opt/sandbox-kernel/layers"
+LAYERS_ENV = "SANDBOX_KERNEL_LAYERS"
 SANDBOX_UID = 1000
 
 
@@ -48,6 +50,8 @@ class LaunchPlan:
     kernel_connection_file: str
     kernel_socket_prefix: str
     work_dir_inside: str
+    #: Where the package layers directory appears to the kernel.
+    layers_inside: str
 
 
 def base_env(home: str, tmp: str, path_dirs: Sequence[str]) -> dict[str, str]:
@@ -59,6 +63,7 @@ def base_env(home: str, tmp: str, path_dirs: Sequence[str]) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # debugpy's start-up warning, noise in logs
         # Tool state goes to /tmp so it does not show up among the user's files.
         "IPYTHONDIR": f"{tmp}/.ipython",
         "MPLCONFIGDIR": f"{tmp}/.config/matplotlib",
@@ -78,8 +83,13 @@ class SandboxLauncher(LoggingConfigurable):
     def available(self) -> bool:
         return True
 
+    def layers_path(self, layers_dir: Path) -> str:
+        """Where ``layers_dir`` appears inside this kind of sandbox."""
+        return str(layers_dir)
+
     def plan(
-        self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str]
+        self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str],
+        layers_dir: Path,
     ) -> LaunchPlan:
         conn = str(layout.kernel / "kernel.json")
         env = base_env(str(layout.work), str(layout.tmp), _bin_dirs(command))
@@ -93,6 +103,7 @@ class SandboxLauncher(LoggingConfigurable):
             kernel_connection_file=conn,
             kernel_socket_prefix=str(layout.socket_prefix),
             work_dir_inside=str(layout.work),
+            layers_inside=self.layers_path(layers_dir),
         )
 
 
@@ -135,8 +146,12 @@ class BwrapLauncher(SandboxLauncher):
     def available(self) -> bool:
         return _bwrap_works(shutil.which(self.bwrap) or "")
 
+    def layers_path(self, layers_dir: Path) -> str:
+        return INSIDE_LAYERS
+
     def plan(
-        self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str]
+        self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str],
+        layers_dir: Path,
     ) -> LaunchPlan:
         write_etc(layout.etc, self.uid)
         conn = f"{INSIDE_KERNEL}/kernel.json"
@@ -171,6 +186,8 @@ class BwrapLauncher(SandboxLauncher):
         for path in self.hidden:
             if _under(path, [*bound, "/usr"]):
                 args += ["--tmpfs", path]
+        # Package layers: built by the manager, read-only here, new ones visible at once.
+        args += ["--ro-bind", str(layers_dir), INSIDE_LAYERS]
         args += [
             "--proc", "/proc",
             "--dev", "/dev",
@@ -192,6 +209,7 @@ class BwrapLauncher(SandboxLauncher):
             kernel_connection_file=conn,
             kernel_socket_prefix=f"{INSIDE_KERNEL}/k",
             work_dir_inside=INSIDE_WORK,
+            layers_inside=INSIDE_LAYERS,
         )
 
 

@@ -1,0 +1,393 @@
+"""Package environments: resolved with uv outside the sandbox, installed once, shared as layers.
+
+A *layer* is a directory holding exactly one set of pinned distributions,
+installed with ``uv pip install --no-deps --target``. Its id is a hash of the
+pins, the Python version and the platform, so any session that needs the same
+pins uses the same directory and installs nothing. A session's packages are a
+stack of layers over the base environment (the interpreter's own
+site-packages, which holds ipykernel): a request that extends what a session
+has builds a layer with only the difference.
+
+Resolution (``uv pip compile``) is constrained by the base environment and the
+session's existing layers, so the kernel's own packages keep their versions.
+Resolutions are cached (``resolution_ttl``) so that a repeated request runs
+no uv at all. The sandbox never needs the network: the layers directory is
+bound into it read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from traitlets import Bool, Float, List, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from .errors import InvalidArgument, SandboxError
+from .registry import Registry
+
+_COMPLETE = ".complete"  # written last: a layer without it is half-built and never used
+
+
+class InstallFailed(SandboxError):
+    """uv could not resolve or install the requested packages; nothing was changed."""
+
+
+@dataclass
+class InstallResult:
+    """What an install did, and what it cost."""
+
+    requested: list[str]
+    layers: list[str]
+    new_packages: dict[str, str] = field(default_factory=dict)
+    cache_hit: bool = True
+    restart_needed: list[str] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def insights(self) -> list[str]:
+        from .timing import install_insights
+
+        return install_insights(self)
+
+    def summary(self) -> str:
+        if self.new_packages:
+            what = ", ".join(f"{n} {v}" for n, v in sorted(self.new_packages.items()))
+            how = "cache hit" if self.cache_hit else "cache miss"
+            text = f"installed {what} ({how}, {self.timing.get('total', 0):.2f} s)"
+        else:
+            text = (f"nothing new to install: {', '.join(self.requested) or 'no packages'} "
+                    f"already available ({self.timing.get('total', 0) * 1000:.0f} ms)")
+        if self.restart_needed:
+            text += ("; restart needed, already imported: " + ", ".join(self.restart_needed))
+        return text
+
+
+def parse_requirements(specs: Iterable[str], allow_direct: bool = False) -> list[Requirement]:
+    """Accept requirement strings only: no options, files, URLs or paths (unless allowed)."""
+    if isinstance(specs, str):
+        specs = [specs]
+    out = []
+    for spec in specs:
+        if not isinstance(spec, str) or not spec.strip():
+            raise InvalidArgument(f"not a package requirement: {spec!r}")
+        text = spec.strip()
+        if text.startswith("-"):
+            raise InvalidArgument(
+                f"{spec!r} looks like a command-line option; give package requirements only "
+                "(index settings are configuration: PackageInstaller.index_url, find_links, …)"
+            )
+        if any(c in text for c in "\n\r\0") or re.search(r"\s-{1,2}[a-z]", text):
+            raise InvalidArgument(f"{spec!r} is not a single package requirement")
+        if not allow_direct and (text.startswith((".", "/", "~")) or "://" in text):
+            raise InvalidArgument(
+                f"{spec!r} is a path or URL; installing from those is off "
+                "(PackageInstaller.allow_direct_references)"
+            )
+        try:
+            req = Requirement(text)
+        except InvalidRequirement as exc:
+            raise InvalidArgument(f"{spec!r} is not a valid requirement: {exc}") from None
+        if req.url and not allow_direct:
+            raise InvalidArgument(
+                f"{spec!r} names a URL; installing from URLs is off "
+                "(PackageInstaller.allow_direct_references)"
+            )
+        out.append(req)
+    return out
+
+
+class PackageInstaller(LoggingConfigurable):
+    """Resolves and installs package layers with uv; index settings are configuration."""
+
+    uv = Unicode(help="The uv executable (default: the one of the `uv` package).").tag(
+        config=True)
+
+    @default("uv")
+    def _uv_default(self) -> str:
+        try:
+            from uv import find_uv_bin
+
+            return find_uv_bin()
+        except (ImportError, FileNotFoundError):
+            return shutil.which("uv") or "uv"
+
+    index_url = Unicode(None, allow_none=True,
+                        help="The package index (default: $SANDBOX_KERNEL_INDEX_URL, else uv's: "
+                        "PyPI).").tag(config=True)
+    extra_index_urls = List(Unicode(), help="More indexes ($SANDBOX_KERNEL_EXTRA_INDEX_URLS, "
+                            "space-separated).").tag(config=True)
+    find_links = List(Unicode(), help="Directories or pages of wheels "
+                      "($SANDBOX_KERNEL_FIND_LINKS, space-separated).").tag(config=True)
+    no_index = Bool(help="Use find_links only, no index ($SANDBOX_KERNEL_NO_INDEX=1).").tag(
+        config=True)
+    offline = Bool(help="Never touch the network; use what uv has cached "
+                   "($SANDBOX_KERNEL_OFFLINE=1).").tag(config=True)
+    allow_direct_references = Bool(
+        False, help="Accept URLs and local paths as requirements."
+    ).tag(config=True)
+    cache_dir = Unicode(None, allow_none=True,
+                        help="uv's cache, shared by every layer ($SANDBOX_KERNEL_UV_CACHE_DIR; "
+                        "default: uv's own).").tag(config=True)
+    resolution_ttl = Float(
+        24 * 3600.0, help="Seconds a cached resolution is reused before uv resolves again."
+    ).tag(config=True)
+    timeout = Float(900.0, help="Seconds an install may take.").tag(config=True)
+
+    @default("index_url")
+    def _index_url_default(self) -> str | None:
+        return os.environ.get("SANDBOX_KERNEL_INDEX_URL") or None
+
+    @default("extra_index_urls")
+    def _extra_default(self) -> list[str]:
+        return os.environ.get("SANDBOX_KERNEL_EXTRA_INDEX_URLS", "").split()
+
+    @default("find_links")
+    def _find_links_default(self) -> list[str]:
+        return os.environ.get("SANDBOX_KERNEL_FIND_LINKS", "").split()
+
+    @default("no_index")
+    def _no_index_default(self) -> bool:
+        return os.environ.get("SANDBOX_KERNEL_NO_INDEX", "") in ("1", "true", "yes")
+
+    @default("offline")
+    def _offline_default(self) -> bool:
+        return os.environ.get("SANDBOX_KERNEL_OFFLINE", "") in ("1", "true", "yes")
+
+    @default("cache_dir")
+    def _cache_dir_default(self) -> str | None:
+        return os.environ.get("SANDBOX_KERNEL_UV_CACHE_DIR") or None
+
+    def __init__(self, home: Path, registry: Registry, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.home = Path(home)
+        self.layers_dir = self.home / "layers"
+        self.layers_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
+        self._base: dict[str, dict[str, str]] = {}
+
+    # -- the whole operation ------------------------------------------------
+
+    def install(
+        self,
+        python: str,
+        requested: Sequence[str],
+        have: Sequence[str] = (),
+        layers: Sequence[str] = (),
+    ) -> InstallResult:
+        """Make ``requested`` available on top of ``have`` (specs) in ``layers`` (ids)."""
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
+        reqs = parse_requirements(requested, self.allow_direct_references)
+        all_specs = _merge_specs([*have, *(str(r) for r in reqs)])
+        existing = self.layer_pins(layers)
+        # What the session has stays as it is, except what this request names again.
+        asked = {canonicalize_name(r.name) for r in reqs}
+        keep = {n: v for n, v in existing.items() if n not in asked}
+        t = time.perf_counter()
+        pins = self.resolve(python, all_specs, keep)
+        timing["resolve"] = time.perf_counter() - t
+        base = self.base_packages(python)
+        new = {n: v for n, v in pins.items() if base.get(n) != v and existing.get(n) != v}
+        result = InstallResult(requested=[str(r) for r in reqs], layers=list(layers))
+        if new:
+            t = time.perf_counter()
+            layer_id, built = self.ensure_layer(python, new)
+            timing["install"] = time.perf_counter() - t
+            result.layers = [*layers, layer_id]
+            result.new_packages = new
+            result.cache_hit = not built
+        timing["total"] = time.perf_counter() - t0
+        result.timing = timing
+        return result
+
+    # -- resolution ---------------------------------------------------------
+
+    def resolve(self, python: str, specs: Sequence[str], keep: dict[str, str]) -> dict[str, str]:
+        """The pinned set for ``specs``, keeping the base's and ``keep``'s versions."""
+        if not specs:
+            return {}
+        base = self.base_packages(python)
+        constraints = sorted(f"{n}=={v}" for n, v in {**base, **keep}.items())
+        key = _digest({"specs": sorted(specs), "constraints": constraints,
+                       "index": self._index_config(), "python": self._python_tag(python)})
+        cached = self.registry.cached_resolution(key, max_age=self.resolution_ttl)
+        if cached is not None:
+            return cached
+        with tempfile.TemporaryDirectory(prefix="sk-resolve-") as tmp:
+            req_file = Path(tmp) / "requirements.in"
+            req_file.write_text("\n".join(specs) + "\n")
+            con_file = Path(tmp) / "constraints.txt"
+            con_file.write_text("\n".join(constraints) + "\n")
+            out = self._uv("pip", "compile", str(req_file), "-c", str(con_file),
+                           "--python", python, "--no-header", "--no-annotate", "--quiet",
+                           *self._index_args(), action="resolve " + " ".join(specs))
+        pins = {}
+        for line in out.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, _, version = line.partition("==")
+                pins[canonicalize_name(name.split("[")[0].strip())] = version.split(";")[0].strip()
+        self.registry.store_resolution(key, pins)
+        return pins
+
+    def base_packages(self, python: str) -> dict[str, str]:
+        """The distributions the interpreter's own environment has (ipykernel and company)."""
+        if python not in self._base:
+            out = self._uv("pip", "freeze", "--python", python, action="list the base packages")
+            found = {}
+            for line in out.splitlines():
+                if "==" in line:
+                    name, _, version = line.partition("==")
+                    found[canonicalize_name(name)] = version.strip()
+            self._base[python] = found
+        return self._base[python]
+
+    # -- layers ---------------------------------------------------------------
+
+    def layer_path(self, layer_id: str) -> Path:
+        return self.layers_dir / layer_id
+
+    def layer_pins(self, layers: Sequence[str]) -> dict[str, str]:
+        pins: dict[str, str] = {}
+        for layer_id in layers:
+            pins.update(self.registry.layer(layer_id)["pins"] if self.registry.layer(layer_id)
+                        else {})
+        return pins
+
+    def ensure_layer(self, python: str, pins: dict[str, str]) -> tuple[str, bool]:
+        """The layer holding exactly ``pins``; build it unless it exists. True if built."""
+        layer_id = _digest({"pins": sorted(pins.items()), "python": self._python_tag(python)})[:16]
+        path = self.layer_path(layer_id)
+        with self._lock(layer_id):
+            if (path / _COMPLETE).exists():
+                self.registry.touch_layer(layer_id)
+                return layer_id, False
+            tmp = Path(tempfile.mkdtemp(prefix=f".build-{layer_id}-", dir=self.layers_dir))
+            try:
+                self._uv("pip", "install", "--no-deps", "--target", str(tmp / "site-packages"),
+                         "--python", python, "--quiet", *self._index_args(),
+                         *(f"{n}=={v}" for n, v in sorted(pins.items())),
+                         action="install " + ", ".join(f"{n}=={v}" for n, v in pins.items()))
+                (tmp / "site-packages" / ".lock").unlink(missing_ok=True)  # uv's, for --target
+                (tmp / _COMPLETE).write_text(json.dumps(pins))
+                shutil.rmtree(path, ignore_errors=True)  # a half-built leftover
+                os.replace(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self.registry.store_layer(layer_id, pins, self._python_tag(python), _tree_size(path))
+        return layer_id, True
+
+    def gc(self, in_use: Iterable[str]) -> list[str]:
+        """Remove layers no session uses, and leftovers of interrupted builds."""
+        keep = set(in_use)
+        removed = []
+        for entry in self.layers_dir.iterdir():
+            if entry.name.startswith(".build-"):
+                if time.time() - entry.stat().st_mtime > self.timeout:
+                    shutil.rmtree(entry, ignore_errors=True)
+                continue
+            if not entry.is_dir() or entry.name in keep:
+                continue
+            with self._lock(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+            self.registry.forget_layer(entry.name)
+            removed.append(entry.name)
+        return removed
+
+    @contextlib.contextmanager
+    def _lock(self, layer_id: str) -> Iterator[None]:
+        """One builder per layer across processes; gc takes the same lock."""
+        lock_path = self.layers_dir / f".{layer_id}.lock"
+        with open(lock_path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- uv ---------------------------------------------------------------------
+
+    def _index_args(self) -> list[str]:
+        args: list[str] = []
+        if self.index_url:
+            args += ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            args += ["--extra-index-url", url]
+        for link in self.find_links:
+            args += ["--find-links", link]
+        if self.no_index:
+            args.append("--no-index")
+        if self.offline:
+            args.append("--offline")
+        return args
+
+    def _index_config(self) -> dict[str, Any]:
+        return {"index": self.index_url, "extra": list(self.extra_index_urls),
+                "links": list(self.find_links), "no_index": self.no_index}
+
+    def _python_tag(self, python: str) -> str:
+        if os.path.realpath(python) == os.path.realpath(sys.executable):
+            version = platform.python_version()
+        else:
+            code = "import platform; print(platform.python_version())"
+            version = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                     timeout=30).stdout.strip()
+        return f"cp{version}-{sys.platform}-{platform.machine()}"
+
+    def _uv(self, *args: str, action: str) -> str:
+        env = dict(os.environ)
+        if self.cache_dir:
+            env["UV_CACHE_DIR"] = self.cache_dir
+        env.pop("VIRTUAL_ENV", None)
+        try:
+            proc = subprocess.run([self.uv, *args], capture_output=True, text=True, env=env,
+                                  timeout=self.timeout, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise InstallFailed(f"uv is not installed ({self.uv}); `pip install uv`") from None
+        except subprocess.TimeoutExpired:
+            raise InstallFailed(f"could not {action}: uv took longer than {self.timeout:g} s"
+                                ) from None
+        if proc.returncode != 0:
+            raise InstallFailed(f"could not {action}: {_uv_message(proc.stderr)}")
+        return proc.stdout
+
+
+def _uv_message(stderr: str) -> str:
+    """uv's explanation, without its decorations, on as few lines as it takes."""
+    lines = [re.sub(r"^\s*(×|╰─▶|error:|hint:)\s*", "", ln).strip() for ln in stderr.splitlines()]
+    text = " ".join(ln for ln in lines if ln)
+    return text[:1500] or "uv failed without a message"
+
+
+def _merge_specs(specs: Sequence[str]) -> list[str]:
+    """Later requirements for a name replace earlier ones; order kept."""
+    merged: dict[str, str] = {}
+    for spec in specs:
+        merged[canonicalize_name(Requirement(spec).name)] = spec
+    return list(merged.values())
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
