@@ -1,0 +1,346 @@
+"""The store: chunks packed into append-only files, indexed in SQLite, verified on every read.
+
+A file per chunk would cost one create and one fsync per 64 KiB (16,000 per
+GiB), so new chunks are appended to a pack file instead: written under a
+temporary name, fsynced once, renamed, and only then indexed, in one
+transaction. A pack is flushed every ``pack_size`` bytes, so an upload that is
+killed keeps every pack it finished and a rerun stores only what is missing.
+A chunk is compressed with zstd only when its file compresses (judged on its
+first chunk) and the result is smaller. Every read checks the chunk's BLAKE3
+hash; a corrupt chunk is reported, dropped from the index so that the next
+upload of its content repairs it, and never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from ..errors import SandboxError
+from .chunks import chunk_hash, cut, file_hash
+
+RAW, ZSTD = 0, 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    hash TEXT PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,
+    stored INTEGER NOT NULL, size INTEGER NOT NULL, codec INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack);
+CREATE TABLE IF NOT EXISTS files (
+    hash TEXT PRIMARY KEY, size INTEGER NOT NULL, chunks TEXT NOT NULL,
+    refs INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stat_cache (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL, dev INTEGER NOT NULL, hash TEXT NOT NULL
+);
+"""
+_BATCH = 256  # chunks looked up in the index at once
+
+
+class CorruptChunk(SandboxError):
+    """A stored chunk does not match its hash."""
+
+
+class MissingChunk(SandboxError):
+    """A file needs a chunk the store does not have."""
+
+
+@dataclass
+class FileRecord:
+    """A stored file, and what storing it cost."""
+
+    hash: str
+    size: int
+    chunks: list[tuple[str, int]]
+    new_chunks: int = 0
+    reused_chunks: int = 0
+    bytes_written: int = 0  # to the store, after compression
+    stat_cache_hit: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class ContentStore:
+    def __init__(self, root: str | Path, pack_size: int = 64 * 1024 * 1024,
+                 compression_level: int = 3):
+        self.root = Path(root)
+        self.packs = self.root / "packs"
+        self.packs.mkdir(parents=True, exist_ok=True)
+        self.pack_size = pack_size
+        self.level = compression_level
+        self._local = threading.local()
+        self._connection().executescript(_SCHEMA)
+
+    # -- database ----------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """A connection per thread: uploads hash files in parallel."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(str(self.root / "store.db"), timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """Each use is one transaction."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    # -- writing -----------------------------------------------------------------
+
+    def ingest(
+        self,
+        path: str | Path,
+        copy_to: str | Path | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> FileRecord:
+        """Store a local file (and, in the same pass, copy it to ``copy_to``)."""
+        writer = _PackWriter(self)
+        chunks: list[tuple[str, int]] = []
+        record = FileRecord("", 0, chunks)
+        compress: bool | None = None
+        batch: list[tuple[str, memoryview]] = []
+        out = open(copy_to, "wb") if copy_to is not None else None  # noqa: SIM115
+        try:
+            for data in cut(path):
+                if compress is None:
+                    compress = len(zstandard.compress(bytes(data), 1)) < 0.9 * len(data)
+                if out is not None:
+                    out.write(data)
+                h = chunk_hash(data)
+                chunks.append((h, len(data)))
+                record.size += len(data)
+                batch.append((h, data))
+                if len(batch) >= _BATCH:
+                    self._store_batch(batch, writer, record, bool(compress))
+                    batch = []
+                if on_bytes is not None:
+                    on_bytes(len(data))
+            self._store_batch(batch, writer, record, bool(compress))
+            writer.flush()
+            if out is not None:
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            writer.abandon()
+            raise
+        finally:
+            if out is not None:
+                out.close()
+        record.hash = file_hash(h for h, _ in chunks)
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO files (hash, size, chunks, refs, created) "
+                       "VALUES (?, ?, ?, 0, ?)",
+                       (record.hash, record.size, json.dumps(chunks), time.time()))
+        return record
+
+    def _store_batch(self, batch: list[tuple[str, memoryview]], writer: _PackWriter,
+                     record: FileRecord, compress: bool) -> None:
+        if not batch:
+            return
+        known = self._known({h for h, _ in batch}) | writer.pending
+        for h, data in batch:
+            if h in known:
+                record.reused_chunks += 1
+                continue
+            known.add(h)
+            record.bytes_written += writer.add(h, data, compress)
+            record.new_chunks += 1
+
+    def _known(self, hashes: set[str]) -> set[str]:
+        marks = ",".join("?" * len(hashes))
+        with self._db() as db:
+            rows = db.execute(f"SELECT hash FROM chunks WHERE hash IN ({marks})", tuple(hashes))
+            return {r[0] for r in rows}
+
+    # -- reading -----------------------------------------------------------------
+
+    def file(self, digest: str) -> FileRecord | None:
+        with self._db() as db:
+            row = db.execute("SELECT size, chunks FROM files WHERE hash=?", (digest,)).fetchone()
+        if row is None:
+            return None
+        return FileRecord(digest, row[0], [tuple(c) for c in json.loads(row[1])])
+
+    def read_chunk(self, digest: str) -> bytes:
+        with self._db() as db:
+            row = db.execute("SELECT pack, offset, stored, codec FROM chunks WHERE hash=?",
+                             (digest,)).fetchone()
+        if row is None:
+            raise MissingChunk(f"chunk {digest[:16]}… is not in the store; upload its file again")
+        pack, offset, stored, codec = row
+        try:
+            with open(self.packs / pack, "rb") as f:
+                payload = os.pread(f.fileno(), stored, offset)
+            data = zstandard.decompress(payload) if codec == ZSTD else payload
+        except (OSError, zstandard.ZstdError):
+            data = b""
+        if chunk_hash(data) != digest:
+            with self._db() as db:  # never serve it again; the next upload of it repairs it
+                db.execute("DELETE FROM chunks WHERE hash=?", (digest,))
+            raise CorruptChunk(
+                f"chunk {digest[:16]}… in pack {pack} is corrupt (its hash does not match); "
+                "it was not served. Upload the file again to repair the store."
+            )
+        return data
+
+    def export(self, digest: str, dest: str | Path,
+               on_bytes: Callable[[int], None] | None = None) -> FileRecord:
+        """Write a stored file to ``dest``: verified, fsynced, renamed into place."""
+        record = self.file(digest)
+        if record is None:
+            raise MissingChunk(f"file {digest[:16]}… is not in the store")
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.sk-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as out:
+                for h, _ in record.chunks:
+                    data = self.read_chunk(h)
+                    out.write(data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+                out.flush()
+                os.fsync(out.fileno())
+            if file_hash(h for h, _ in record.chunks) != digest:
+                raise CorruptChunk(f"file {digest[:16]}… does not match its chunk list")
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return record
+
+    # -- references, the stat cache, gc ------------------------------------------------
+
+    def add_ref(self, digest: str, n: int = 1) -> None:
+        with self._db() as db:
+            db.execute("UPDATE files SET refs = refs + ? WHERE hash=?", (n, digest))
+
+    def release(self, digest: str) -> None:
+        self.add_ref(digest, -1)
+
+    def stat_lookup(self, path: str | Path, st: os.stat_result) -> str | None:
+        """The hash of a local file unchanged since it was last stored, without reading it."""
+        with self._db() as db:
+            row = db.execute("SELECT size, mtime_ns, ino, dev, hash FROM stat_cache WHERE path=?",
+                             (str(path),)).fetchone()
+            if row is None or tuple(row[:4]) != (st.st_size, st.st_mtime_ns, st.st_ino,
+                                                 st.st_dev):
+                return None
+            exists = db.execute("SELECT 1 FROM files WHERE hash=?", (row[4],)).fetchone()
+        return row[4] if exists else None
+
+    def stat_store(self, path: str | Path, st: os.stat_result, digest: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?)",
+                       (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, digest))
+
+    def gc(self, grace: float = 3600.0) -> dict[str, int]:
+        """Drop unreferenced files, then chunks no file needs, then packs no chunk is in."""
+        now = time.time()
+        with self._db() as db:
+            dropped_files = db.execute("DELETE FROM files WHERE refs <= 0 AND created < ?",
+                                       (now - grace,)).rowcount
+            live = {h for (c,) in db.execute("SELECT chunks FROM files")
+                    for h, _ in json.loads(c)}
+            dead = [h for (h,) in db.execute("SELECT hash FROM chunks WHERE created < ?",
+                                             (now - grace,)) if h not in live]
+            for i in range(0, len(dead), 500):
+                part = dead[i:i + 500]
+                db.execute(f"DELETE FROM chunks WHERE hash IN ({','.join('?' * len(part))})",
+                           part)
+            used_packs = {p for (p,) in db.execute("SELECT DISTINCT pack FROM chunks")}
+        removed = 0
+        for pack in self.packs.iterdir():
+            stale_tmp = pack.name.startswith(".") and now - pack.stat().st_mtime > grace
+            if stale_tmp or (pack.suffix == ".pack" and pack.name not in used_packs
+                             and now - pack.stat().st_mtime > grace):
+                pack.unlink(missing_ok=True)
+                removed += 1
+        return {"files": dropped_files, "chunks": len(dead), "packs": removed}
+
+    def stats(self) -> dict[str, int]:
+        with self._db() as db:
+            chunks, stored, raw = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(stored),0), COALESCE(SUM(size),0) FROM chunks"
+            ).fetchone()
+            files = db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        return {"chunks": chunks, "stored_bytes": stored, "raw_bytes": raw, "files": files}
+
+
+class _PackWriter:
+    """New chunks of one ingest, appended to a pack that becomes visible only when durable."""
+
+    def __init__(self, store: ContentStore):
+        self.store = store
+        self.pending: set[str] = set()
+        self._rows: list[tuple] = []
+        self._file = None
+        self._name = ""
+        self._size = 0
+        self._zstd = zstandard.ZstdCompressor(level=store.level)
+
+    def add(self, digest: str, data: memoryview, compress: bool) -> int:
+        payload, codec = bytes(data), RAW
+        if compress:
+            packed = self._zstd.compress(payload)
+            if len(packed) < len(payload):
+                payload, codec = packed, ZSTD
+        if self._file is None:
+            self._name = f"{uuid.uuid4().hex}.pack"
+            self._file = open(self.store.packs / f".{self._name}.tmp", "wb")  # noqa: SIM115
+            self._size = 0
+        self._file.write(payload)
+        self._rows.append((digest, self._name, self._size, len(payload), len(data), codec,
+                           time.time()))
+        self._size += len(payload)
+        self.pending.add(digest)
+        if self._size >= self.store.pack_size:
+            self.flush()
+        return len(payload)
+
+    def flush(self) -> None:
+        if self._file is None:
+            return
+        tmp = self.store.packs / f".{self._name}.tmp"
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(tmp, self.store.packs / self._name)
+        dir_fd = os.open(self.store.packs, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        with self.store._db() as db:
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           self._rows)
+        self._rows = []
+        self.pending = set()
+
+    def abandon(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            (self.store.packs / f".{self._name}.tmp").unlink(missing_ok=True)
+            self._file = None
