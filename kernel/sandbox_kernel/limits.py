@@ -30,6 +30,7 @@ _BOUNDS: dict[str, tuple[bool, int, int]] = {
     "processes": (False, 16, 65536),
     "file_size": (True, 1024**2, 1024**5),
     "open_files": (False, 64, 1 << 20),
+    "disk": (True, 1024**2, 1024**5),
 }
 
 DEFAULT_LIMITS: dict[str, int] = {
@@ -37,6 +38,7 @@ DEFAULT_LIMITS: dict[str, int] = {
     "processes": 256,
     "file_size": 16 * 1024**3,
     "open_files": 4096,
+    "disk": 20 * 1024**3,
 }
 
 

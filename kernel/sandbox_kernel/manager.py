@@ -50,6 +50,7 @@ from .registry import LIVE_STATUSES, Registry
 from .sandbox import supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
 from .session import PORTS, AsyncSession, Session
+from .store import ContentStore
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TAG_PATTERN = re.compile(r"^[\w.:/=+@-]{1,64}$")
@@ -107,6 +108,7 @@ class SessionManager(LoggingConfigurable):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._registry: Registry | None = None
+        self._store: ContentStore | None = None
         self._sessions: dict[str, AsyncSession] = {}
 
     # -- shared plumbing ----------------------------------------------------
@@ -206,6 +208,13 @@ class SessionManager(LoggingConfigurable):
             "layers": row["packages"].get("layers", []),
         }
 
+    @property
+    def store(self) -> ContentStore:
+        """The content-addressed store of uploads, downloads and artifacts, shared by sessions."""
+        if self._store is None:
+            self._store = ContentStore(Path(self.home) / "store")
+        return self._store
+
     def _layer_dir(self, isolation: str, layer_id: str) -> str:
         """A layer's site-packages as the kernel of a sandbox of that isolation sees it."""
         launcher = self.bwrap_launcher if isolation == "bwrap" else SandboxLauncher(parent=self)
@@ -233,6 +242,7 @@ class SessionManager(LoggingConfigurable):
         limits: Mapping[str, Any] | None = None,
         wait: bool = True,
         packages: Iterable[str] | None = None,
+        files: Any = None,
     ) -> AsyncSession:
         session_id = secrets.token_hex(6)
         name = session_id if name is None else _check_name(name)
@@ -295,6 +305,12 @@ class SessionManager(LoggingConfigurable):
             raise
         session = self._handle(self.registry.session(session_id) or {})
         session.last_install = install
+        if files:
+            try:
+                session.last_upload = await asyncio.to_thread(session.upload, files)
+            except BaseException as exc:
+                await self._abandon(session, f"its files could not be uploaded: {exc}")
+                raise
         if wait:
             try:
                 await session.connection()
@@ -384,14 +400,16 @@ class SessionManager(LoggingConfigurable):
         limits: Mapping[str, Any] | None = None,
         wait: bool = True,
         packages: Iterable[str] | None = None,
+        files: Any = None,
     ) -> Session:
         """Start a new session; with ``wait`` (default) return when its kernel answers.
 
         ``packages`` are requirement strings, installed with uv outside the sandbox
-        (once per resolved set, then shared) before the kernel starts.
+        (once per resolved set, then shared) before the kernel starts. ``files``
+        (paths, or a {local: dest} dict) are uploaded into the work directory.
         """
         return Session(portal.call(self._async_create(
-            name, language, timeout, tags, env, limits, wait, packages)))
+            name, language, timeout, tags, env, limits, wait, packages, files)))
 
     def get(self, key: str) -> Session:
         """Attach to a session by id or name, from this or any other process."""

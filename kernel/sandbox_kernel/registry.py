@@ -68,6 +68,14 @@ CREATE TABLE IF NOT EXISTS layers (
     created REAL NOT NULL,
     last_used REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS session_files (
+    session_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    PRIMARY KEY (session_id, path)
+);
 CREATE TABLE IF NOT EXISTS bindings (
     key TEXT PRIMARY KEY,
     session_id TEXT NOT NULL REFERENCES sessions(id),
@@ -190,6 +198,20 @@ class Registry:
                 (to, reason, session_id, *allowed),
             )
             return cur.rowcount == 1
+
+    # -- files the host placed in a session's work directory -------------------
+
+    def set_session_file(self, session_id: str, path: str, digest: str, size: int,
+                         mtime_ns: int) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO session_files VALUES (?, ?, ?, ?, ?)",
+                       (session_id, path, digest, size, mtime_ns))
+
+    def session_file(self, session_id: str, path: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM session_files WHERE session_id=? AND path=?",
+                                   (session_id, path)).fetchone()
+        return dict(row) if row else None
 
     # -- bindings: which session a notebook (or a kernel's connection file) uses ----
 

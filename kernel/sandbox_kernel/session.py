@@ -25,6 +25,7 @@ from .errors import ExecutionTimeout, SandboxError, SessionClosed, SessionDead, 
 from .packages import InstallResult
 from .result import ExecutionResult, output_from_message
 from .timing import Timing
+from .transfer import DownloadGroup, UploadCommit, upload_paths
 
 if TYPE_CHECKING:
     from .manager import SessionManager
@@ -81,6 +82,8 @@ class AsyncSession:
         self._install_lock = asyncio.Lock()
         #: The outcome of the last install (or of create's packages).
         self.last_install: InstallResult | None = None
+        #: The manifest of the files given to create().
+        self.last_upload: dict[str, Any] | None = None
         #: Called with (channel, message) for kernel messages no request of ours claims.
         self.on_unrouted: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -237,6 +240,42 @@ class AsyncSession:
         if not result.ok:
             raise SandboxError(f"the kernel could not load the new packages: {result.error}")
         return json.loads(result.stdout.strip().splitlines()[-1])
+
+    # -- files ----------------------------------------------------------------
+
+    def upload_commit(self) -> UploadCommit:
+        """A batch of uploads: add() files, poll get_progress(), commit() for the manifest."""
+        self._check_usable()
+        return UploadCommit(self)
+
+    def upload(self, paths: Any, dest: str | None = None) -> dict[str, Any]:
+        """Upload files or directories (or a {local: dest} dict) and commit; the manifest."""
+        commit = self.upload_commit()
+        if dest is not None:
+            commit.add(paths, dest)
+        else:
+            upload_paths(commit, paths)
+        return commit.commit()
+
+    def download_group(self) -> DownloadGroup:
+        """A batch of downloads: add(sandbox path or manifest entry, local dest), finish()."""
+        self._check_usable()
+        return DownloadGroup(self)
+
+    def download(self, sources: Any, local_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """Download work-directory paths (or a manifest's files) into ``local_dir``."""
+        group = self.download_group()
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        if isinstance(sources, dict) and "files" in sources:
+            sources = sources["files"]
+        for source in [sources] if isinstance(sources, str | dict) else sources:
+            group.add(source, local_dir)
+        return group.finish()
+
+    def _check_usable(self) -> None:
+        row = self.manager._refresh(self.id)
+        if row["status"] == "closed":
+            raise SessionClosed(self.name)
 
     async def interrupt(self) -> None:
         """Interrupt the running code, as Ctrl-C would (KeyboardInterrupt in the sandbox)."""
@@ -520,6 +559,24 @@ class Session:
             raise
         except concurrent.futures.CancelledError:
             raise SessionDead(self.name, "the run was cancelled") from None
+
+    def upload_commit(self) -> UploadCommit:
+        return self._inner.upload_commit()
+
+    def upload(self, paths: Any, dest: str | None = None) -> dict[str, Any]:
+        """Upload files or directories (or a {local: dest} dict) and commit; the manifest."""
+        return self._inner.upload(paths, dest)
+
+    def download_group(self) -> DownloadGroup:
+        return self._inner.download_group()
+
+    def download(self, sources: Any, local_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """Download work-directory paths (or a manifest's files) into ``local_dir``."""
+        return self._inner.download(sources, local_dir)
+
+    @property
+    def last_upload(self) -> dict[str, Any] | None:
+        return self._inner.last_upload
 
     def install(self, packages: Iterable[str]) -> InstallResult:
         """Install packages into this session (see AsyncSession.install)."""

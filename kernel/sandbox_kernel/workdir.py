@@ -1,0 +1,135 @@
+"""The session's work directory, as the host touches it: never through a link.
+
+The sandbox can put anything in its work directory, symlinks to host files
+included, and can swap a directory for a link between our check and our use.
+So the host never resolves a path there with the kernel's path walk: it opens
+each component with ``O_NOFOLLOW`` relative to the directory before it, and
+places and reads files through those descriptors. A link anywhere on the way
+is refused, and nothing ever follows one out of the work directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from .errors import InvalidArgument, SandboxError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePath(SandboxError):
+    """A path in the work directory runs through a link or is not a regular file."""
+
+
+def relative_parts(path: str | os.PathLike[str], what: str = "path") -> tuple[str, ...]:
+    """Check a path meant to stay inside the work directory; return its components."""
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidArgument(f"{what} {text!r} is empty or contains a NUL byte")
+    p = PurePosixPath(text)
+    if p.is_absolute():
+        raise InvalidArgument(f"{what} {text!r} is absolute; give a path inside the work "
+                              "directory, like data/input.csv")
+    parts = tuple(part for part in p.parts if part not in ("", "."))
+    if not parts or ".." in parts:
+        raise InvalidArgument(f"{what} {text!r} leaves the work directory ('..')")
+    return parts
+
+
+class WorkDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @contextlib.contextmanager
+    def directory(self, parts: tuple[str, ...], create: bool = False) -> Iterator[int]:
+        """A descriptor of the directory ``parts`` (components, no links), made if asked."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for name in parts:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                try:
+                    nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    raise UnsafePath(self._why(parts, name, exc)) from None
+                os.close(fd)
+                fd = nxt
+            yield fd
+        finally:
+            os.close(fd)
+
+    def place(self, source: str | Path, parts: tuple[str, ...]) -> os.stat_result:
+        """Move ``source`` (same filesystem) to ``parts`` atomically; return its stat."""
+        with self.directory(parts[:-1], create=True) as fd:
+            try:
+                existing = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                existing = None
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                raise UnsafePath(f"{'/'.join(parts)} is a directory in the work directory")
+            os.replace(source, parts[-1], dst_dir_fd=fd)  # replaces a link, never follows it
+            return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+
+    @contextlib.contextmanager
+    def open_file(self, parts: tuple[str, ...]) -> Iterator[tuple[int, os.stat_result]]:
+        """A regular file, opened read-only without following links."""
+        with self.directory(parts[:-1]) as dir_fd:
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            except FileNotFoundError:
+                raise InvalidArgument(f"no file {'/'.join(parts)!r} in the work directory"
+                                      ) from None
+            except OSError as exc:
+                raise UnsafePath(self._why(parts, parts[-1], exc)) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePath(f"{'/'.join(parts)} is not a regular file")
+            yield fd, st
+        finally:
+            os.close(fd)
+
+    def lstat(self, parts: tuple[str, ...]) -> os.stat_result | None:
+        try:
+            with self.directory(parts[:-1]) as fd:
+                return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except (OSError, UnsafePath):
+            return None
+
+    def scan(self, limit: int = 100_000) -> dict[str, tuple[int, int, int]]:
+        """Regular files (path → size, mtime_ns, inode), links not followed, at most ``limit``."""
+        found: dict[str, tuple[int, int, int]] = {}
+        stack = [""]
+        while stack and len(found) < limit:
+            rel = stack.pop()
+            try:
+                entries = list(os.scandir(self.root / rel if rel else self.root))
+            except OSError:
+                continue
+            for entry in entries:
+                path = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(path)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        found[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                except OSError:
+                    continue
+        return found
+
+    def usage(self) -> int:
+        return sum(size for size, _, _ in self.scan().values())
+
+    def _why(self, parts: tuple[str, ...], name: str, exc: OSError) -> str:
+        shown = "/".join(parts)
+        if isinstance(exc, NotADirectoryError) or exc.errno == 40:  # ELOOP: a link
+            return (f"{shown!r} runs through a symlink or non-directory ({name!r}) in the work "
+                    "directory; links are never followed out of it")
+        return f"{shown!r}: {exc.strerror}"
