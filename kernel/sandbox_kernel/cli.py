@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_core.application import JupyterApp
-from traitlets import Bool, Float, List, Unicode
+from traitlets import Bool, Float, Int, List, Unicode
 
 from .errors import SandboxError
 from .manager import SessionManager
@@ -225,6 +225,93 @@ class InstallCommand(_Command):
         print(f"installed kernelspec sandbox-python in {where}")
 
 
+class UploadCommand(_Command):
+    description = ("Upload files or directories into a session's work directory: "
+                   "sandbox-kernel upload NAME PATH... [--dest D] [--manifest M.json].")
+    usage = "upload"
+    dest = Unicode(None, allow_none=True, help="Destination in the work directory (one PATH)."
+                   ).tag(config=True)
+    manifest = Unicode(None, allow_none=True, help="Write the commit's manifest here.").tag(
+        config=True)
+    aliases = {"dest": "UploadCommand.dest", "manifest": "UploadCommand.manifest"}
+
+    def run(self) -> None:
+        if len(self.extra_args) < 2:
+            self.fail("usage: sandbox-kernel upload NAME PATH [PATH ...] [--dest D]")
+        key, *paths = self.extra_args
+        if self.dest is not None and len(paths) != 1:
+            self.fail("--dest takes exactly one PATH")
+        commit = self.manager().get(key).upload_commit()
+        for path in paths:
+            commit.add(path, self.dest)
+        manifest = commit.commit(self.manifest)
+        if self.json:
+            print(json.dumps(manifest, indent=1))
+            return
+        st = manifest["stats"]
+        print(f"uploaded {len(manifest['files'])} file(s): {st['bytes_moved']} bytes placed, "
+              f"{st['bytes_stored']} stored, {st['chunks_reused']} chunks reused, "
+              f"{st['files_skipped']} unchanged, {st['stat_cache_hits']} stat-cache hits")
+
+
+class DownloadCommand(_Command):
+    description = ("Download from a session: sandbox-kernel download NAME PATH... --to DIR, "
+                   "or --manifest M.json --to DIR.")
+    usage = "download"
+    to = Unicode(".", help="Local directory to write to.").tag(config=True)
+    manifest = Unicode(None, allow_none=True, help="Download the files of this manifest.").tag(
+        config=True)
+    aliases = {"to": "DownloadCommand.to", "manifest": "DownloadCommand.manifest"}
+
+    def run(self) -> None:
+        if not self.extra_args or (len(self.extra_args) < 2 and self.manifest is None):
+            self.fail("usage: sandbox-kernel download NAME PATH... --to DIR")
+        key, *paths = self.extra_args
+        sources: list[Any] = list(paths)
+        if self.manifest is not None:
+            try:
+                sources += json.loads(Path(self.manifest).read_text())["files"]
+            except (OSError, ValueError, KeyError) as exc:
+                self.fail(f"cannot read the manifest {self.manifest}: {exc}")
+        results = self.manager().get(key).download(sources, self.to)
+        if self.json:
+            print(json.dumps(results, indent=1))
+            return
+        for r in results:
+            print(f"{r['source']} -> {r['dest']} ({r['size']} bytes, blake3 {r['hash'][:16]}…, "
+                  "verified)")
+
+
+class ArtifactsCommand(_Command):
+    description = ("List a session's artifacts, or save one: sandbox-kernel artifacts NAME "
+                   "[--tag T] [--save ID --to DEST].")
+    usage = "artifacts"
+    tag = Unicode(None, allow_none=True, help="Only artifacts with this tag.").tag(config=True)
+    save = Int(None, allow_none=True, help="Save the artifact with this id.").tag(config=True)
+    to = Unicode(".", help="Where --save writes.").tag(config=True)
+    aliases = {"tag": "ArtifactsCommand.tag", "save": "ArtifactsCommand.save",
+               "to": "ArtifactsCommand.to"}
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME [--tag T] [--save ID --to DEST]")
+        artifacts = self.manager().get(key).artifacts(tag=self.tag)
+        if self.save is not None:
+            chosen = [a for a in artifacts if a.id == self.save]
+            if not chosen:
+                self.fail(f"session {key!r} has no artifact {self.save}")
+            print(f"saved {chosen[0].save(self.to)}")
+            return
+        if self.json:
+            print(json.dumps([{k: v for k, v in a.__dict__.items() if not k.startswith("_")}
+                              for a in artifacts], indent=1))
+            return
+        if not artifacts:
+            print("no artifacts yet")
+        for a in artifacts:
+            print(f"{a.id:5}  {a.kind:6}  {a.mime:24}  {a.size:10}  {a.path or '-':30}  "
+                  f"{','.join(a.tags) or '-'}")
+
+
 class GcCommand(_Command):
     description = "Remove package layers that no session uses."
     usage = "gc"
@@ -246,6 +333,9 @@ class SandboxKernelApp(_Command):
         "close": (CloseCommand, CloseCommand.description),
         "install": (InstallCommand, InstallCommand.description),
         "gc": (GcCommand, GcCommand.description),
+        "upload": (UploadCommand, UploadCommand.description),
+        "download": (DownloadCommand, DownloadCommand.description),
+        "artifacts": (ArtifactsCommand, ArtifactsCommand.description),
     }
 
     def start(self) -> None:

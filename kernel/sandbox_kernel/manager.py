@@ -34,6 +34,7 @@ from traitlets import Dict, Enum, Float, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import portal
+from .artifacts import ArtifactPolicy
 from .errors import (
     InvalidArgument,
     NameTaken,
@@ -96,6 +97,11 @@ class SessionManager(LoggingConfigurable):
     ).tag(config=True)
     bwrap_launcher = Instance(BwrapLauncher)
     installer = Instance(PackageInstaller)
+    artifact_policy = Instance(ArtifactPolicy)
+
+    @default("artifact_policy")
+    def _artifact_policy_default(self) -> ArtifactPolicy:
+        return ArtifactPolicy(parent=self)
 
     @default("installer")
     def _installer_default(self) -> PackageInstaller:
@@ -221,8 +227,10 @@ class SessionManager(LoggingConfigurable):
         return f"{launcher.layers_path(self.installer.layers_dir)}/{layer_id}/site-packages"
 
     def gc(self) -> list[str]:
-        """Remove package layers that no session uses any more."""
-        return self.installer.gc(self.registry.layers_in_use())
+        """Remove package layers no session uses, and store content nothing references."""
+        removed = self.installer.gc(self.registry.layers_in_use())
+        self.store.gc()
+        return removed
 
     def _handle(self, row: dict[str, Any]) -> AsyncSession:
         session = self._sessions.get(row["id"])

@@ -76,6 +76,19 @@ CREATE TABLE IF NOT EXISTS session_files (
     mtime_ns INTEGER NOT NULL,
     PRIMARY KEY (session_id, path)
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    execution_id INTEGER,
+    kind TEXT NOT NULL,
+    path TEXT,
+    mime TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    tags TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS artifacts_session ON artifacts(session_id, id);
 CREATE TABLE IF NOT EXISTS bindings (
     key TEXT PRIMARY KEY,
     session_id TEXT NOT NULL REFERENCES sessions(id),
@@ -277,6 +290,51 @@ class Registry:
 
     # -- executions -------------------------------------------------------
 
+    # -- artifacts ----------------------------------------------------------------
+
+    def add_artifact(self, session_id: str, execution_id: int | None, kind: str,
+                     path: str | None, mime: str, size: int, digest: str) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO artifacts (session_id, execution_id, kind, path, mime, size, hash, "
+                "created, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]')",
+                (session_id, execution_id, kind, path, mime, size, digest, time.time()))
+            return int(cur.lastrowid or 0)
+
+    def artifacts(self, session_id: str, tag: str | None = None, path: str | None = None,
+                  since: float | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM artifacts WHERE session_id=?", [session_id]
+        if tag is not None:
+            sql += " AND EXISTS (SELECT 1 FROM json_each(artifacts.tags) WHERE value=?)"
+            args.append(tag)
+        if path is not None:
+            sql += " AND path=?"
+            args.append(path)
+        if since is not None:
+            sql += " AND created>=?"
+            args.append(since)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        return [dict(r) | {"tags": json.loads(r["tags"])} for r in rows]
+
+    def artifact(self, artifact_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM artifacts WHERE id=?", (artifact_id,)).fetchone()
+        return dict(row) | {"tags": json.loads(row["tags"])} if row else None
+
+    def set_artifact_tags(self, artifact_id: int, tags: list[str]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE artifacts SET tags=? WHERE id=?", (json.dumps(tags), artifact_id))
+
+    def delete_artifact(self, artifact_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM artifacts WHERE id=?", (artifact_id,))
+
+    def count_artifacts(self, session_id: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM artifacts WHERE session_id=?",
+                                    (session_id,)).fetchone()[0]
+
     def record_execution(
         self,
         session_id: str,
@@ -285,19 +343,21 @@ class Registry:
         execution_count: int | None,
         started: float,
         timing: dict[str, float],
-    ) -> None:
+    ) -> int:
         now = time.time()
         with self.transaction() as db:
-            db.execute(
+            cur = db.execute(
                 "INSERT INTO executions (session_id, execution_count, code, status, started, "
                 "timing) VALUES (?, ?, ?, ?, ?, ?)",
                 (session_id, execution_count, code, status, started, json.dumps(timing)),
             )
+            execution_id = int(cur.lastrowid or 0)
             db.execute(
                 "UPDATE sessions SET last_activity=?, "
                 "execution_count=MAX(execution_count, COALESCE(?, 0)) WHERE id=?",
                 (now, execution_count, session_id),
             )
+        return execution_id
 
     def executions(self, session_id: str) -> list[dict[str, Any]]:
         with self._lock:

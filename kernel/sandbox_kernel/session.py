@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import portal
+from .artifacts import Artifact, ArtifactRecorder
 from .connection import ConnectionLost, KernelConnection, MessageHook
 from .errors import ExecutionTimeout, SandboxError, SessionClosed, SessionDead, StartFailed
 from .packages import InstallResult
@@ -80,6 +81,7 @@ class AsyncSession:
         self._gone: BaseException | None = None
         self._opening: KernelConnection | None = None
         self._install_lock = asyncio.Lock()
+        self._recorder: ArtifactRecorder | None = None
         #: The outcome of the last install (or of create's packages).
         self.last_install: InstallResult | None = None
         #: The manifest of the files given to create().
@@ -325,9 +327,19 @@ class AsyncSession:
         )
 
     def _record(self, code: str, status: str, result: ExecutionResult, started: float) -> None:
-        self.manager.registry.record_execution(
+        execution_id = self.manager.registry.record_execution(
             self.id, code, status, result.execution_count, started, result.timing
         )
+        if self._recorder is not None:
+            self._recorder.after_run(execution_id, result.outputs)
+
+    def artifacts(self, tag: str | None = None, path: str | None = None,
+                  since: float | None = None) -> list[Artifact]:
+        """What runs produced: changed work-directory files and rich outputs, oldest first."""
+        if self._recorder is not None:
+            return self._recorder.list(tag, path, since)
+        return [Artifact(**row, _store=self.manager.store, _registry=self.manager.registry)
+                for row in self.manager.registry.artifacts(self.id, tag, path, since)]
 
     async def _ensure_attached(self, timing: Timing) -> KernelConnection:
         if self._conn is not None:
@@ -346,6 +358,10 @@ class AsyncSession:
                     raise SessionDead(self.name, row["reason"])
                 self._conn = await self._attach(row)
                 self._row = self.manager._refresh(self.id)
+                if self._recorder is None:  # the work directory as it is before our first run
+                    self._recorder = ArtifactRecorder(
+                        self.id, self.work_dir, self.manager.store, self.manager.registry,
+                        self.manager.artifact_policy)
                 return self._conn
         finally:
             timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - began
@@ -577,6 +593,11 @@ class Session:
     @property
     def last_upload(self) -> dict[str, Any] | None:
         return self._inner.last_upload
+
+    def artifacts(self, tag: str | None = None, path: str | None = None,
+                  since: float | None = None) -> list[Artifact]:
+        """What runs produced: changed work-directory files and rich outputs, oldest first."""
+        return self._inner.artifacts(tag, path, since)
 
     def install(self, packages: Iterable[str]) -> InstallResult:
         """Install packages into this session (see AsyncSession.install)."""

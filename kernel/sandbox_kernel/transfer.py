@@ -194,6 +194,8 @@ class UploadCommit(_Batch):
                 st = self.workdir.place(staged, parts)
                 registry.set_session_file(self.session.id, "/".join(parts), record.hash,
                                           st.st_size, st.st_mtime_ns)
+                if self.session._recorder is not None:
+                    self.session._recorder.forget("/".join(parts), st)
                 self.store.add_ref(record.hash)
                 self._count(bytes_moved=record.size)
         finally:
