@@ -16,6 +16,7 @@ class Row:
     peer_name: str
     unit: str
     target: str
+    higher_is_better: bool = False
 
     @property
     def ratio(self) -> float:
@@ -48,7 +49,7 @@ def print_table(rows: list[Row]) -> None:
 def _ratio(row: Row) -> str:
     text = f"{row.ratio:.3g}x"
     if 0 < row.ratio < 0.5:
-        text += f" ({1 / row.ratio:.0f}x faster)"
+        text += f" ({1 / row.ratio:.0f}x {'slower' if row.higher_is_better else 'faster'})"
     return text
 
 

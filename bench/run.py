@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_core import bench_create, bench_kernel_cell, bench_run  # noqa: E402
+from bench_files import bench_files  # noqa: E402
 from bench_packages import bench_packages  # noqa: E402
 from common import print_table, save  # noqa: E402
 
@@ -34,6 +35,7 @@ def main() -> None:
         rows = bench_create(manager, rounds=2 if args.quick else 7)
         rows += bench_run(manager, rounds=100 if args.quick else 600)
         rows += bench_kernel_cell(rounds=100 if args.quick else 600)
+        rows += bench_files(manager, size=256 * 1024**2 if args.quick else 1024**3)
         if not args.no_network:
             rows += bench_packages(manager)
     finally:

@@ -17,6 +17,7 @@ import json
 import mimetypes
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,7 +114,9 @@ class ArtifactRecorder:
 
     def after_run(self, execution_id: int | None, outputs: list[dict[str, Any]]) -> None:
         self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._worker.submit(self._record, execution_id, outputs))
+        # Stamped with the run's end, not with when the worker gets to it.
+        self._pending.append(self._worker.submit(self._record, execution_id, outputs,
+                                                 time.time()))
 
     def forget(self, path: str, st: os.stat_result) -> None:
         """A file the host placed (an upload) is not something the code produced."""
@@ -129,7 +132,8 @@ class ArtifactRecorder:
         return [Artifact(**row, _store=self.store, _registry=self.registry)
                 for row in self.registry.artifacts(self.session_id, tag, path, since)]
 
-    def _record(self, execution_id: int | None, outputs: list[dict[str, Any]]) -> None:
+    def _record(self, execution_id: int | None, outputs: list[dict[str, Any]],
+                when: float) -> None:
         try:
             if self.policy.record_files:
                 now = self.workdir.scan(self.policy.max_scan_files)
@@ -137,12 +141,12 @@ class ArtifactRecorder:
                            if self._seen.get(p) != sig and not self._ignored(p)]
                 self._seen = now
                 for path in sorted(changed):
-                    self._record_file(execution_id, path)
+                    self._record_file(execution_id, path, when)
             if self.policy.record_outputs:
                 for out in outputs:
                     for mime, value in out.get("data", {}).items():
                         if mime not in _SKIPPED_MIME:
-                            self._record_output(execution_id, mime, value)
+                            self._record_output(execution_id, mime, value, when)
         except Exception:  # recording must never break the session
             import traceback
 
@@ -154,7 +158,7 @@ class ArtifactRecorder:
     def _room(self) -> bool:
         return self.registry.count_artifacts(self.session_id) < self.policy.max_per_session
 
-    def _record_file(self, execution_id: int | None, path: str) -> None:
+    def _record_file(self, execution_id: int | None, path: str, when: float) -> None:
         parts = tuple(path.split("/"))
         try:
             with self.workdir.open_file(parts) as (fd, st):
@@ -164,9 +168,10 @@ class ArtifactRecorder:
         except (OSError, SandboxError):
             return  # gone, or a link: never followed, never recorded
         mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        self._add(execution_id, "file", path, mime, record.size, record.hash)
+        self._add(execution_id, "file", path, mime, record.size, record.hash, when)
 
-    def _record_output(self, execution_id: int | None, mime: str, value: Any) -> None:
+    def _record_output(self, execution_id: int | None, mime: str, value: Any,
+                       when: float) -> None:
         if not self._room():
             return
         if isinstance(value, str):
@@ -178,12 +183,13 @@ class ArtifactRecorder:
             tmp.write(data)
             tmp.flush()
             record = self.store.ingest(tmp.name)
-        self._add(execution_id, "output", None, mime, record.size, record.hash)
+        self._add(execution_id, "output", None, mime, record.size, record.hash, when)
 
     def _add(self, execution_id: int | None, kind: str, path: str | None, mime: str,
-             size: int, digest: str) -> None:
+             size: int, digest: str, when: float) -> None:
         self.store.add_ref(digest)
-        self.registry.add_artifact(self.session_id, execution_id, kind, path, mime, size, digest)
+        self.registry.add_artifact(self.session_id, execution_id, kind, path, mime, size, digest,
+                                   when)
 
 
 def _check_tag(tag: str) -> str:

@@ -293,12 +293,13 @@ class Registry:
     # -- artifacts ----------------------------------------------------------------
 
     def add_artifact(self, session_id: str, execution_id: int | None, kind: str,
-                     path: str | None, mime: str, size: int, digest: str) -> int:
+                     path: str | None, mime: str, size: int, digest: str,
+                     created: float) -> int:
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO artifacts (session_id, execution_id, kind, path, mime, size, hash, "
                 "created, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]')",
-                (session_id, execution_id, kind, path, mime, size, digest, time.time()))
+                (session_id, execution_id, kind, path, mime, size, digest, created))
             return int(cur.lastrowid or 0)
 
     def artifacts(self, session_id: str, tag: str | None = None, path: str | None = None,

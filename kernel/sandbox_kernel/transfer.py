@@ -157,7 +157,13 @@ class UploadCommit(_Batch):
                 _copy(local, staged, progress)
                 self._count(stat_cache_hits=1, chunks_reused=len(record.chunks))
             else:
-                record = self.store.ingest(local, copy_to=staged, on_bytes=progress)
+                # The copy into the sandbox (kernel-side copy, fsynced) runs beside the
+                # chunking, hashing and storing; a file that changes meanwhile is refused.
+                copying = _POOL.submit(_copy_fast, local, staged)
+                record = self.store.ingest(local, on_bytes=progress)
+                copying.result()
+                if _signature(local.stat()) != _signature(st):
+                    raise TransferFailed(f"{local} changed while it was uploaded; upload it again")
                 self.store.stat_store(local, st, record.hash)
                 self._count(bytes_hashed=record.size, bytes_stored=record.bytes_written,
                             chunks_new=record.new_chunks, chunks_reused=record.reused_chunks)
@@ -310,6 +316,16 @@ def _remove_stale(staging_root: Path, age: float = 3600.0) -> None:
 
 def _add(item: ItemProgress, n: int) -> None:
     item.bytes_completed += n
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _copy_fast(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)  # copy_file_range/sendfile: no bytes through Python
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _copy(src: Path, dst: Path, progress: Any, block: int = 4 << 20) -> None:

@@ -301,10 +301,11 @@ class _PackWriter:
         self._zstd = zstandard.ZstdCompressor(level=store.level)
 
     def add(self, digest: str, data: memoryview, compress: bool) -> int:
-        payload, codec = bytes(data), RAW
+        payload: bytes | memoryview = data  # written as is: no copy of incompressible data
+        codec = RAW
         if compress:
-            packed = self._zstd.compress(payload)
-            if len(packed) < len(payload):
+            packed = self._zstd.compress(data)
+            if len(packed) < len(data):
                 payload, codec = packed, ZSTD
         if self._file is None:
             self._name = f"{uuid.uuid4().hex}.pack"
