@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="sandbox-kernel-transfer")
+#: The copies into the sandbox that run beside an upload's hashing. A pool of their own:
+#: an upload waits for its copy, and must never wait for a worker of its own pool.
+_COPIES = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                thread_name_prefix="sandbox-kernel-copy")
 
 
 class TransferFailed(SandboxError):
@@ -159,7 +163,7 @@ class UploadCommit(_Batch):
             else:
                 # The copy into the sandbox (kernel-side copy, fsynced) runs beside the
                 # chunking, hashing and storing; a file that changes meanwhile is refused.
-                copying = _POOL.submit(_copy_fast, local, staged)
+                copying = _COPIES.submit(_copy_fast, local, staged)
                 record = self.store.ingest(local, on_bytes=progress)
                 copying.result()
                 if _signature(local.stat()) != _signature(st):

@@ -13,6 +13,7 @@ upload of its content repairs it, and never served.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -289,7 +291,15 @@ class ContentStore:
 
 
 class _PackWriter:
-    """New chunks of one ingest, appended to a pack that becomes visible only when durable."""
+    """New chunks of one ingest, appended to packs that become visible only when durable.
+
+    A full pack is made durable (fsync, rename, index) on a background thread
+    while the ingest goes on cutting and hashing; ``flush()`` returns when
+    every pack of the ingest is durable and indexed.
+    """
+
+    _flusher = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                     thread_name_prefix="sandbox-kernel-packs")
 
     def __init__(self, store: ContentStore):
         self.store = store
@@ -299,6 +309,7 @@ class _PackWriter:
         self._name = ""
         self._size = 0
         self._zstd = zstandard.ZstdCompressor(level=store.level)
+        self._flushing: list[concurrent.futures.Future[None]] = []
 
     def add(self, digest: str, data: memoryview, compress: bool) -> int:
         payload: bytes | memoryview = data  # written as is: no copy of incompressible data
@@ -317,27 +328,36 @@ class _PackWriter:
         self._size += len(payload)
         self.pending.add(digest)
         if self._size >= self.store.pack_size:
-            self.flush()
+            self._seal()
         return len(payload)
 
-    def flush(self) -> None:
+    def _seal(self) -> None:
+        """Hand the current pack to the background: fsync, rename, then index."""
         if self._file is None:
             return
-        tmp = self.store.packs / f".{self._name}.tmp"
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(tmp, self.store.packs / self._name)
+        f, name, rows = self._file, self._name, self._rows
+        self._file, self._rows = None, []
+        self._flushing.append(self._flusher.submit(self._make_durable, f, name, rows))
+
+    def _make_durable(self, f: Any, name: str, rows: list[tuple]) -> None:
+        tmp = self.store.packs / f".{name}.tmp"
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, self.store.packs / name)
         dir_fd = os.open(self.store.packs, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
         with self.store._db() as db:
-            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           self._rows)
-        self._rows = []
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def flush(self) -> None:
+        self._seal()
+        flushing, self._flushing = self._flushing, []
+        for fut in flushing:
+            fut.result()  # re-raises a failed fsync: the ingest fails, nothing half-indexed
         self.pending = set()
 
     def abandon(self) -> None:
@@ -345,3 +365,4 @@ class _PackWriter:
             self._file.close()
             (self.store.packs / f".{self._name}.tmp").unlink(missing_ok=True)
             self._file = None
+        concurrent.futures.wait(self._flushing)
