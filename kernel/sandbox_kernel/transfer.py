@@ -64,9 +64,12 @@ class ItemProgress:
 
 
 class _Batch:
-    """Progress bookkeeping shared by uploads and downloads."""
+    """What uploads and downloads share: the session's store and work directory, progress."""
 
-    def __init__(self) -> None:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.store: ContentStore = session.manager.store
+        self.workdir = WorkDir(session.work_dir)
         self._items: list[ItemProgress] = []
         self._futures: list[concurrent.futures.Future[Any]] = []
         self._lock = threading.Lock()
@@ -100,10 +103,7 @@ class _Batch:
 
 class UploadCommit(_Batch):
     def __init__(self, session: AsyncSession):
-        super().__init__()
-        self.session = session
-        self.store: ContentStore = session.manager.store
-        self.workdir = WorkDir(session.work_dir)
+        super().__init__(session)
         staging_root = Path(session.work_dir).parent / "staging"
         _remove_stale(staging_root)
         self.staging = staging_root / uuid.uuid4().hex[:12]
@@ -246,10 +246,7 @@ class UploadCommit(_Batch):
 
 class DownloadGroup(_Batch):
     def __init__(self, session: AsyncSession):
-        super().__init__()
-        self.session = session
-        self.store: ContentStore = session.manager.store
-        self.workdir = WorkDir(session.work_dir)
+        super().__init__(session)
         self._results: list[dict[str, Any]] = []
 
     def add(self, source: str | dict[str, Any], local_dest: str | os.PathLike[str]) -> None:
