@@ -287,7 +287,7 @@ class SessionManager(LoggingConfigurable):
             install = None
             if requested:
                 install = await asyncio.to_thread(self.installer.install, self.python, requested)
-                self.registry.update(session_id, packages={"requested": install.requested,
+                self.registry.update(session_id, packages={"requested": install.all_requested,
                                                            "layers": install.layers})
             env = {**env, "SANDBOX_KERNEL_SESSION": session_id,
                    "SANDBOX_KERNEL_SESSION_NAME": name}

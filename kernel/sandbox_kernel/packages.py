@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,8 @@ class InstallResult:
 
     requested: list[str]
     layers: list[str]
+    #: Everything the session asks for after this install (earlier specs for a name replaced).
+    all_requested: list[str] = field(default_factory=list)
     new_packages: dict[str, str] = field(default_factory=dict)
     cache_hit: bool = True
     restart_needed: list[str] = field(default_factory=list)
@@ -195,7 +198,7 @@ class PackageInstaller(LoggingConfigurable):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         reqs = parse_requirements(requested, self.allow_direct_references)
-        all_specs = _merge_specs([*have, *(str(r) for r in reqs)])
+        all_specs = merge_specs([*have, *(str(r) for r in reqs)])
         existing = self.layer_pins(layers)
         # What the session has stays as it is, except what this request names again.
         asked = {canonicalize_name(r.name) for r in reqs}
@@ -205,7 +208,8 @@ class PackageInstaller(LoggingConfigurable):
         timing["resolve"] = time.perf_counter() - t
         base = self.base_packages(python)
         new = {n: v for n, v in pins.items() if base.get(n) != v and existing.get(n) != v}
-        result = InstallResult(requested=[str(r) for r in reqs], layers=list(layers))
+        result = InstallResult(requested=[str(r) for r in reqs], layers=list(layers),
+                               all_requested=all_specs)
         if new:
             t = time.perf_counter()
             layer_id, built = self.ensure_layer(python, new)
@@ -226,7 +230,7 @@ class PackageInstaller(LoggingConfigurable):
         base = self.base_packages(python)
         constraints = sorted(f"{n}=={v}" for n, v in {**base, **keep}.items())
         key = _digest({"specs": sorted(specs), "constraints": constraints,
-                       "index": self._index_config(), "python": self._python_tag(python)})
+                       "index": self._index_config(), "python": python_tag(python)})
         cached = self.registry.cached_resolution(key, max_age=self.resolution_ttl)
         if cached is not None:
             return cached
@@ -267,13 +271,14 @@ class PackageInstaller(LoggingConfigurable):
     def layer_pins(self, layers: Sequence[str]) -> dict[str, str]:
         pins: dict[str, str] = {}
         for layer_id in layers:
-            pins.update(self.registry.layer(layer_id)["pins"] if self.registry.layer(layer_id)
-                        else {})
+            layer = self.registry.layer(layer_id)
+            if layer is not None:
+                pins.update(layer["pins"])
         return pins
 
     def ensure_layer(self, python: str, pins: dict[str, str]) -> tuple[str, bool]:
         """The layer holding exactly ``pins``; build it unless it exists. True if built."""
-        layer_id = _digest({"pins": sorted(pins.items()), "python": self._python_tag(python)})[:16]
+        layer_id = _digest({"pins": sorted(pins.items()), "python": python_tag(python)})[:16]
         path = self.layer_path(layer_id)
         with self._lock(layer_id):
             if (path / _COMPLETE).exists():
@@ -292,7 +297,7 @@ class PackageInstaller(LoggingConfigurable):
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            self.registry.store_layer(layer_id, pins, self._python_tag(python), _tree_size(path))
+            self.registry.store_layer(layer_id, pins, python_tag(python), _tree_size(path))
         return layer_id, True
 
     def gc(self, in_use: Iterable[str]) -> list[str]:
@@ -343,15 +348,6 @@ class PackageInstaller(LoggingConfigurable):
         return {"index": self.index_url, "extra": list(self.extra_index_urls),
                 "links": list(self.find_links), "no_index": self.no_index}
 
-    def _python_tag(self, python: str) -> str:
-        if os.path.realpath(python) == os.path.realpath(sys.executable):
-            version = platform.python_version()
-        else:
-            code = "import platform; print(platform.python_version())"
-            version = subprocess.run([python, "-c", code], capture_output=True, text=True,
-                                     timeout=30).stdout.strip()
-        return f"cp{version}-{sys.platform}-{platform.machine()}"
-
     def _uv(self, *args: str, action: str) -> str:
         env = dict(os.environ)
         if self.cache_dir:
@@ -377,7 +373,19 @@ def _uv_message(stderr: str) -> str:
     return text[:1500] or "uv failed without a message"
 
 
-def _merge_specs(specs: Sequence[str]) -> list[str]:
+@functools.cache
+def python_tag(python: str) -> str:
+    """Python version, platform and machine of an interpreter: part of every layer's key."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        version = platform.python_version()
+    else:
+        code = "import platform; print(platform.python_version())"
+        version = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+    return f"cp{version}-{sys.platform}-{platform.machine()}"
+
+
+def merge_specs(specs: Sequence[str]) -> list[str]:
     """Later requirements for a name replace earlier ones; order kept."""
     merged: dict[str, str] = {}
     for spec in specs:

@@ -218,8 +218,7 @@ class AsyncSession:
             result = await asyncio.to_thread(
                 self.manager.installer.install, self.manager.python, list(packages),
                 current.get("requested", []), current.get("layers", []))
-            requested = _merge_requested(current.get("requested", []), result.requested)
-            self.manager.registry.update(self.id, packages={"requested": requested,
+            self.manager.registry.update(self.id, packages={"requested": result.all_requested,
                                                             "layers": result.layers})
             new_layers = result.layers[len(current.get("layers", [])):]
             if new_layers and row["status"] in ("starting", "running"):
@@ -458,12 +457,6 @@ class AsyncSession:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-
-
-def _merge_requested(old: list[str], new: list[str]) -> list[str]:
-    from .packages import _merge_specs
-
-    return _merge_specs([*old, *new])
 
 
 class PendingExecution:
