@@ -79,7 +79,7 @@ class SandboxKernel(Kernel):
         self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._stdin_cancel = threading.Event()
         self._comm_chain: asyncio.Future[None] | None = None
-        self._early: _EarlyExecute | None = None
+        self._early: _CellRelay | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commands = SessionCommands(self._session_info, lambda: self._last_timing,
                                         self._new_session, self._install)
@@ -197,7 +197,7 @@ class SandboxKernel(Kernel):
             self._early = self._start_early(msg)
         await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
 
-    def _start_early(self, frames: Any) -> _EarlyExecute | None:
+    def _start_early(self, frames: Any) -> _CellRelay | None:
         sandbox = self.sandbox
         if sandbox is None or sandbox._conn is None:
             return None
@@ -210,7 +210,7 @@ class SandboxKernel(Kernel):
         content = request["content"]
         if request["msg_type"] != "execute_request" or "%session" in content.get("code", ""):
             return None
-        early = _EarlyExecute(self, request["msg_id"])
+        early = _CellRelay(self, request["msg_id"])
         cell_id = request["metadata"].get("cellId")
         early.pending = sandbox.start_execute(
             {**content, "stop_on_error": False}, on_message=early.relay,
@@ -266,24 +266,16 @@ class SandboxKernel(Kernel):
                    "user_expressions": user_expressions, "allow_stdin": allow_stdin,
                    "stop_on_error": False}
 
-        def relay(channel: str, msg: dict[str, Any]) -> None:
-            if channel == "iopub" and msg["header"]["msg_type"] not in ("status", "execute_input"):
-                self._publish(msg, parent)
-
-        async def ask(prompt: str, password: bool) -> str:
-            self._stdin_cancel.clear()
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self._ask_frontend, prompt, password, ident, parent)
-
         early, self._early = self._early, None
         try:
             if early is not None and early.msg_id == parent["header"]["msg_id"]:
                 early.go_live(parent, ident)
                 reply, result = await early.pending.finish(record_later=True)
             else:
-                self._remember(parent)
+                cell = _CellRelay(self, parent["header"]["msg_id"])
+                cell.go_live(parent, ident)
                 reply, result = await sandbox.execute(
-                    content, on_message=relay, on_stdin=ask if allow_stdin else None,
+                    content, on_message=cell.relay, on_stdin=cell.ask if allow_stdin else None,
                     metadata={"cellId": cell_meta.get("cellId")} if cell_meta else None,
                     record_later=True, msg_id=parent["header"]["msg_id"])
         except (SessionDead, SessionClosed) as exc:
@@ -422,8 +414,13 @@ class SandboxKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
 
-class _EarlyExecute:
-    """A cell already sent to the sandbox, whose outputs wait for ``do_execute``."""
+class _CellRelay:
+    """One cell's traffic from the sandbox to the frontend: outputs and input requests.
+
+    A cell sent early (before ipykernel's bookkeeping) holds what comes back
+    until ``go_live`` names the frontend's request; a cell sent from
+    ``do_execute`` is live from the start.
+    """
 
     def __init__(self, kernel: SandboxKernel, msg_id: str):
         self.kernel = kernel
