@@ -97,8 +97,18 @@ class ContentStore:
         return db
 
     @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read snapshot (WAL): takes no write lock, so lookups never queue behind a writer."""
+        db = self._connection()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
+    @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        """Each use is one transaction."""
+        """A write transaction, its lock taken up front."""
         db = self._connection()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -172,21 +182,21 @@ class ContentStore:
 
     def _known(self, hashes: set[str]) -> set[str]:
         marks = ",".join("?" * len(hashes))
-        with self._db() as db:
+        with self._read() as db:
             rows = db.execute(f"SELECT hash FROM chunks WHERE hash IN ({marks})", tuple(hashes))
             return {r[0] for r in rows}
 
     # -- reading -----------------------------------------------------------------
 
     def file(self, digest: str) -> FileRecord | None:
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT size, chunks FROM files WHERE hash=?", (digest,)).fetchone()
         if row is None:
             return None
         return FileRecord(digest, row[0], [tuple(c) for c in json.loads(row[1])])
 
     def read_chunk(self, digest: str) -> bytes:
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT pack, offset, stored, codec FROM chunks WHERE hash=?",
                              (digest,)).fetchone()
         if row is None:
@@ -243,7 +253,7 @@ class ContentStore:
 
     def stat_lookup(self, path: str | Path, st: os.stat_result) -> str | None:
         """The hash of a local file unchanged since it was last stored, without reading it."""
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT size, mtime_ns, ino, dev, hash FROM stat_cache WHERE path=?",
                              (str(path),)).fetchone()
             if row is None or tuple(row[:4]) != (st.st_size, st.st_mtime_ns, st.st_ino,
@@ -282,7 +292,7 @@ class ContentStore:
         return {"files": dropped_files, "chunks": len(dead), "packs": removed}
 
     def stats(self) -> dict[str, int]:
-        with self._db() as db:
+        with self._read() as db:
             chunks, stored, raw = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(stored),0), COALESCE(SUM(size),0) FROM chunks"
             ).fetchone()
