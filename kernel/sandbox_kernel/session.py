@@ -374,7 +374,7 @@ class AsyncSession:
         sockets = [Path(f"{prefix}-{PORTS[p]}") for p in
                    ("shell_port", "iopub_port", "stdin_port", "control_port")]
         while not all(s.exists() for s in sockets):
-            self._check_gone(row)
+            self._check_gone()
             if time.monotonic() > deadline:
                 raise self._start_timed_out(row)
             await asyncio.sleep(0.003)
@@ -383,7 +383,7 @@ class AsyncSession:
         self._opening = conn
         try:
             while True:
-                self._check_gone(row)
+                self._check_gone()
                 fut = conn.send("shell", "kernel_info_request", {})
                 try:
                     await self._wait(fut, min(2.0, max(0.01, deadline - time.monotonic())))
@@ -405,7 +405,7 @@ class AsyncSession:
         if self.on_unrouted is not None:
             self.on_unrouted(channel, msg)
 
-    def _check_gone(self, row: dict[str, Any]) -> None:
+    def _check_gone(self) -> None:
         if self._gone is not None:
             raise self._gone
 

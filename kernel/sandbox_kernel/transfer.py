@@ -19,6 +19,7 @@ mtime, inode) is not even read (``stat_cache_hits``).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import threading
@@ -213,7 +214,7 @@ class UploadCommit(_Batch):
         manifest = self.manifest()
         if manifest_path is not None:
             tmp = Path(f"{manifest_path}.tmp")
-            tmp.write_text(_dumps(manifest))
+            tmp.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp, manifest_path)
         return manifest
 
@@ -347,8 +348,3 @@ def upload_paths(commit: UploadCommit, paths: Iterable[Any]) -> None:
         for local in [paths] if isinstance(paths, str | os.PathLike) else paths:
             commit.add(local)
 
-
-def _dumps(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=1)
