@@ -49,9 +49,11 @@ def make_manager(home: Path, **config) -> Iterator[SessionManager]:
     try:
         yield manager
     finally:
-        for session in manager.list(status=["starting", "running", "dead"]):
+        # Every session, warm-pool sandboxes and paused ones included.
+        for row in manager.registry.sessions(
+                status=["starting", "running", "frozen", "paused", "dead"]):
             with contextlib.suppress(SandboxError):
-                manager.close(session.id)
+                manager.close(row["id"])
         manager.registry.close()
 
 

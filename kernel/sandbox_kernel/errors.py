@@ -62,3 +62,15 @@ class StartFailed(SandboxError):
 
 class ExecutionTimeout(SandboxError, TimeoutError):
     """A run took longer than its timeout; the kernel was interrupted."""
+
+
+class SessionBusy(SandboxError):
+    """A lifecycle change (pause, freeze, checkpoint) waited too long for a running cell."""
+
+
+class TooManySessions(SandboxError):
+    """``max_sessions`` live sessions exist already."""
+
+
+class SnapshotDamaged(SandboxError):
+    """A checkpoint's stored state is missing or corrupt."""

@@ -34,7 +34,7 @@ from traitlets import Bool, Instance, Unicode
 from . import __version__
 from .commands import CommandError, SessionCommands, split_cell
 from .connection import unpack_message
-from .errors import SandboxError, SessionClosed, SessionDead
+from .errors import SandboxError, SessionBusy, SessionClosed, SessionDead
 from .manager import AsyncSessionManager
 from .session import AsyncSession, PendingExecution
 
@@ -127,7 +127,8 @@ class SandboxKernel(Kernel):
     async def _adopt(self, session: AsyncSession) -> AsyncSession:
         self.sandbox = session
         session.on_unrouted = self._relay_unrouted
-        if session.status in ("starting", "running"):
+        session.keep_alive(True)  # an open notebook keeps its session's lease
+        if session.status in ("starting", "running", "paused", "frozen"):  # attaching resumes
             with contextlib.suppress(SandboxError):
                 reply = await session.request("kernel_info_request", {})
                 self._inner_info = reply["content"]
@@ -199,7 +200,7 @@ class SandboxKernel(Kernel):
 
     def _start_early(self, frames: Any) -> _CellRelay | None:
         sandbox = self.sandbox
-        if sandbox is None or sandbox._conn is None:
+        if sandbox is None or not sandbox.ready():
             return None
         try:
             idents, body = self.session.feed_identities(frames, copy=False)
@@ -212,10 +213,13 @@ class SandboxKernel(Kernel):
             return None
         early = _CellRelay(self, request["msg_id"])
         cell_id = request["metadata"].get("cellId")
-        early.pending = sandbox.start_execute(
-            {**content, "stop_on_error": False}, on_message=early.relay,
-            on_stdin=early.ask if content.get("allow_stdin") else None,
-            metadata={"cellId": cell_id} if cell_id else None, msg_id=request["msg_id"])
+        try:
+            early.pending = sandbox.start_execute(
+                {**content, "stop_on_error": False}, on_message=early.relay,
+                on_stdin=early.ask if content.get("allow_stdin") else None,
+                metadata={"cellId": cell_id} if cell_id else None, msg_id=request["msg_id"])
+        except SessionBusy:
+            return None  # being paused: do_execute waits, then resumes it
         return early
 
     async def do_execute(  # type: ignore[override]

@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 from jupyter_client.connect import write_connection_file
-from traitlets import Dict, Enum, Float, Instance, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Instance, Int, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import portal
@@ -38,10 +38,12 @@ from .artifacts import ArtifactPolicy
 from .errors import (
     InvalidArgument,
     NameTaken,
+    SessionBusy,
     SessionClosed,
     SessionDead,
     SessionNotFound,
     StartFailed,
+    TooManySessions,
 )
 from .kernelspecs import kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
@@ -52,6 +54,7 @@ from .sandbox import supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
 from .session import PORTS, AsyncSession, Session
 from .store import ContentStore
+from .workdir import relative_parts
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TAG_PATTERN = re.compile(r"^[\w.:/=+@-]{1,64}$")
@@ -91,6 +94,28 @@ class SessionManager(LoggingConfigurable):
         config=True)
     default_timeout = Float(600.0, help="The lease of a new session, in seconds.").tag(
         config=True)
+    default_on_timeout = Enum(["pause", "close"], default_value="pause",
+                              help="What a session's lease expiry does by default.").tag(
+        config=True)
+    renew_threshold = Float(
+        120.0, help="A client with keep-alive on renews the lease when fewer seconds remain."
+    ).tag(config=True)
+    pause_wait = Float(30.0, help="Seconds a pause or checkpoint waits for a running cell.").tag(
+        config=True)
+    variable_timeout = Float(
+        60.0, help="Seconds one variable may take to pickle before a pause skips it (0: no bound)."
+    ).tag(config=True)
+    auto_checkpoint = Bool(
+        False, help="Take a checkpoint after every cell run through the API or the kernel."
+    ).tag(config=True)
+    max_sessions = Int(
+        64, help="Live sessions (starting, running or frozen) at most; paused ones do not count."
+    ).tag(config=True)
+    pool_size = Dict(
+        {}, help="Warm sandboxes kept started per language, e.g. {'python': 2}, so that "
+        "create() returns in milliseconds."
+    ).tag(config=True)
+    pool_timeout = Float(600.0, help="Seconds an unclaimed warm sandbox lives.").tag(config=True)
     default_limits = Dict(
         help="Resource limits of new sessions (memory, processes, file_size, open_files); "
         "merged over the built-in defaults."
@@ -116,6 +141,8 @@ class SessionManager(LoggingConfigurable):
         self._registry: Registry | None = None
         self._store: ContentStore | None = None
         self._sessions: dict[str, AsyncSession] = {}
+        self._pool_starting: dict[str, int] = {}
+        self._pool_tasks: set[asyncio.Task[None]] = set()
 
     # -- shared plumbing ----------------------------------------------------
 
@@ -212,6 +239,10 @@ class SessionManager(LoggingConfigurable):
             "pid": row["supervisor_pid"],
             "packages": row["packages"].get("requested", []),
             "layers": row["packages"].get("layers", []),
+            "expires_at": row["last_activity"] + row["timeout"],
+            "on_timeout": row["on_timeout"],
+            "parent": row["parent_id"],
+            "checkpoint": row["checkpoint_id"],
         }
 
     @property
@@ -243,7 +274,7 @@ class SessionManager(LoggingConfigurable):
     async def _async_create(
         self,
         name: str | None = None,
-        language: str = "python",
+        language: str | None = None,
         timeout: float | None = None,
         tags: Iterable[str] | None = None,
         env: Mapping[str, str] | None = None,
@@ -251,7 +282,22 @@ class SessionManager(LoggingConfigurable):
         wait: bool = True,
         packages: Iterable[str] | None = None,
         files: Any = None,
+        template: str | None = None,
+        on_timeout: str | None = None,
+        parent_id: str | None = None,
+        _pooled: bool = False,
     ) -> AsyncSession:
+        recipe: dict[str, Any] = {}
+        if template is not None:
+            recipe = self.registry.template(template) or {}
+            if not recipe:
+                known = ", ".join(self.registry.templates()) or "none yet"
+                raise InvalidArgument(f"no template {template!r} (templates: {known}); "
+                                      "save one with save_template()")
+        language = language or recipe.get("language") or "python"
+        packages = [*recipe.get("packages", []), *(packages or [])]
+        if env is None and recipe.get("env"):
+            env = recipe["env"]
         session_id = secrets.token_hex(6)
         name = session_id if name is None else _check_name(name)
         tags = _check_tags(tags)
@@ -261,8 +307,17 @@ class SessionManager(LoggingConfigurable):
             timeout = self.default_timeout
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        on_timeout = on_timeout or self.default_on_timeout
+        if on_timeout not in ("pause", "close"):
+            raise InvalidArgument(f"on_timeout must be 'pause' or 'close', got {on_timeout!r}")
         requested = [str(r) for r in parse_requirements(packages or [],
                                                         self.installer.allow_direct_references)]
+        if not _pooled:
+            claimed = self._claim_pooled(name, language, timeout, tags, env, limits, requested,
+                                         on_timeout, parent_id)
+            if claimed is not None:
+                return await self._finish_create(claimed, None, files, recipe, wait)
+            self._check_capacity()
         launcher = self._launcher()
         command = kernel_command(language, self.python)
         layout = SessionLayout(Path(self.home) / "sessions" / session_id)
@@ -279,6 +334,7 @@ class SessionManager(LoggingConfigurable):
                 "created": now, "last_activity": now, "timeout": float(timeout),
                 "tags": tags, "limits": limits, "env": env, "isolation": launcher.isolation,
                 "session_dir": str(layout.root), "connection_file": str(layout.connection_file),
+                "on_timeout": on_timeout, "parent_id": parent_id, "pooled": int(_pooled),
             })
         except sqlite3.IntegrityError:
             raise NameTaken(name) from None
@@ -289,37 +345,32 @@ class SessionManager(LoggingConfigurable):
                 install = await asyncio.to_thread(self.installer.install, self.python, requested)
                 self.registry.update(session_id, packages={"requested": install.all_requested,
                                                            "layers": install.layers})
-            env = {**env, "SANDBOX_KERNEL_SESSION": session_id,
-                   "SANDBOX_KERNEL_SESSION_NAME": name}
-            if install and install.layers:
-                env[LAYERS_ENV] = os.pathsep.join(
-                    self._layer_dir(launcher.isolation, lid) for lid in install.layers)
-            plan = launcher.plan(layout, command, env, self.installer.layers_dir)
-            key = str(uuid.uuid4()).encode()
-            write_connection_file(str(layout.kernel / "kernel.json"), ip=plan.kernel_socket_prefix,
-                                  key=key, transport="ipc", **PORTS)
-            write_connection_file(str(layout.connection_file), ip=str(layout.socket_prefix),
-                                  key=key, transport="ipc", **PORTS)
-            supervisor.write_json_atomic(layout.root / supervisor.PLAN_FILE, {
-                "session_id": session_id, "registry": str(self.registry.path),
-                "argv": plan.argv, "env": plan.env, "cwd": plan.cwd, "limits": limits,
-                "bwrap": plan.isolation == "bwrap",
-            })
-            pid, started = self._spawn_supervisor(layout.root)
-            self.registry.update(session_id, supervisor_pid=pid, supervisor_started=started)
+            self._write_plan(session_id, layout, launcher, command, env, limits,
+                             install.layers if install else [])
+            self._start_supervisor(session_id, layout)
         except BaseException as exc:
             self.registry.transition(session_id, "dead", allowed_from=LIVE_STATUSES,
                                      reason=f"could not be started: {exc}")
             raise
         session = self._handle(self.registry.session(session_id) or {})
+        if not _pooled:
+            self._refill_pool(language)
+        return await self._finish_create(session, install, files, recipe, wait)
+
+    async def _finish_create(self, session: AsyncSession, install: Any, files: Any,
+                             recipe: dict[str, Any], wait: bool) -> AsyncSession:
+        """Files, the template's files and setup, and the wait for a kernel that answers."""
         session.last_install = install
-        if files:
-            try:
+        try:
+            if recipe.get("files"):
+                await asyncio.to_thread(session._place_files,
+                                        {f["dest"]: f for f in recipe["files"]})
+            if files:
                 session.last_upload = await asyncio.to_thread(session.upload, files)
-            except BaseException as exc:
-                await self._abandon(session, f"its files could not be uploaded: {exc}")
-                raise
-        if wait:
+        except BaseException as exc:
+            await self._abandon(session, f"its files could not be uploaded: {exc}")
+            raise
+        if wait or recipe.get("setup"):
             try:
                 await session.connection()
             except BaseException as exc:
@@ -327,10 +378,143 @@ class SessionManager(LoggingConfigurable):
                     failure = exc
                 else:
                     why = exc.reason if isinstance(exc, SessionDead) else str(exc)
-                    failure = StartFailed(f"session {name!r} did not start: {why}")
+                    failure = StartFailed(f"session {session.name!r} did not start: {why}")
                 await self._abandon(session, str(failure))
                 raise failure from exc
+        if recipe.get("setup"):
+            result = await session.run(recipe["setup"])
+            if not result.ok:
+                await self._abandon(session, "its template's setup code failed")
+                raise StartFailed(f"session {session.name!r}: the template's setup code failed: "
+                                  f"{result.error['ename']}: {result.error['evalue']}")
         return session
+
+    def _check_capacity(self) -> None:
+        live = self.registry.count_live()
+        if live >= self.max_sessions:
+            raise TooManySessions(
+                f"{live} sessions are live, the most this manager allows (max_sessions="
+                f"{self.max_sessions}); pause or close some (`sandbox-kernel list`), or raise "
+                "SessionManager.max_sessions")
+
+    # -- the warm pool --------------------------------------------------------
+
+    def _claim_pooled(self, name: str, language: str, timeout: float, tags: list[str],
+                      env: dict[str, str], limits: dict[str, Any], requested: list[str],
+                      on_timeout: str, parent_id: str | None) -> AsyncSession | None:
+        """A warm sandbox, if one is ready and this session needs nothing it lacks."""
+        default_limits = validate_limits(self.default_limits, DEFAULT_LIMITS)
+        if not self.pool_size.get(language) or env or requested or limits != default_limits:
+            return None
+        self._check_capacity()
+        now = time.time()
+        try:
+            row = self.registry.claim_pooled(language, {
+                "name": name, "tags": tags, "timeout": float(timeout), "on_timeout": on_timeout,
+                "parent_id": parent_id, "created": now, "last_activity": now})
+        except sqlite3.IntegrityError:
+            raise NameTaken(name) from None
+        if row is None:
+            self._refill_pool(language)
+            return None
+        session = self._handle(row)
+        session.name, session._row = row["name"], row
+        self._refill_pool(language)
+        return session
+
+    def _refill_pool(self, language: str) -> None:
+        """Start warm sandboxes in the background until the pool is full again."""
+        want = int(self.pool_size.get(language, 0))
+        if want <= 0:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            pooled = [r for r in self.registry.sessions(status=LIVE_STATUSES, pooled=True)
+                      if r["language"] == language]
+            for _ in range(want - len(pooled) - self._pool_starting.get(language, 0)):
+                self._pool_starting[language] = self._pool_starting.get(language, 0) + 1
+                task = loop.create_task(self._start_pooled(language))
+                self._pool_tasks.add(task)
+                task.add_done_callback(self._pool_tasks.discard)
+
+    async def _start_pooled(self, language: str) -> None:
+        try:
+            await self._async_create(name=f"pool-{secrets.token_hex(4)}", language=language,
+                                     timeout=self.pool_timeout, on_timeout="close",
+                                     wait=True, _pooled=True)
+        except Exception as exc:  # noqa: BLE001 - the pool is an optimization; say why, go on
+            self.log.warning("a warm sandbox could not be started: %s", exc)
+        finally:
+            self._pool_starting[language] -= 1
+
+    async def _async_fill_pool(self, wait: bool = True) -> int:
+        """Fill the pool now; with ``wait``, return when its sandboxes answer. How many are warm."""
+        for language in self.pool_size:
+            self._refill_pool(language)
+        if wait:
+            while self._pool_tasks:
+                await asyncio.gather(*list(self._pool_tasks), return_exceptions=True)
+        return len(self.registry.sessions(status="running", pooled=True))
+
+    # -- resume: the same session, a new sandbox -------------------------------
+
+    def _relaunch(self, row: dict[str, Any]) -> None:
+        """Start a paused session's sandbox again, with its packages and settings."""
+        self._check_capacity()
+        if row["isolation"] == "bwrap":
+            launcher = self._launcher()
+            if launcher.isolation != "bwrap":
+                raise StartFailed(f"session {row['name']!r} was confined by bubblewrap, which "
+                                  "does not work here now; it cannot be resumed unconfined")
+        else:
+            launcher = SandboxLauncher(parent=self)
+        layout = SessionLayout(Path(row["session_dir"]))
+        command = kernel_command(row["language"], self.python)
+        if not self.registry.transition(row["id"], "starting", allowed_from=("paused",),
+                                        reason="resuming"):
+            raise SessionBusy(f"session {row['name']!r} changed state while it was resumed")
+        try:
+            self._write_plan(row["id"], layout, launcher, command, row["env"], row["limits"],
+                             row["packages"].get("layers", []))
+            self._start_supervisor(row["id"], layout)
+            self.registry.renew(row["id"])
+        except BaseException as exc:
+            self.registry.transition(row["id"], "paused", allowed_from=("starting",),
+                                     reason=f"its resume failed: {exc}")
+            raise
+
+    # -- templates ---------------------------------------------------------------
+
+    def save_template(self, name: str, language: str = "python",
+                      packages: Iterable[str] | None = None, files: Any = None,
+                      setup: str | None = None, env: Mapping[str, str] | None = None
+                      ) -> dict[str, Any]:
+        """A named recipe for new sessions: ``create(template=name)`` starts from it.
+
+        Packages are resolved and installed now (so sessions from it start from the
+        cached layer); files go into the store now, so later changes to the local
+        copies do not change the template.
+        """
+        name = _check_name(name)
+        requested = [str(r) for r in parse_requirements(
+            list(packages or []), self.installer.allow_direct_references)]
+        if requested:
+            self.installer.install(self.python, requested)
+        stored = []
+        for local, dest in _file_pairs(files):
+            record = self.store.ingest(local)
+            self.store.add_ref(record.hash)
+            stored.append({"dest": dest, "hash": record.hash, "size": record.size})
+        if setup is not None and not isinstance(setup, str):
+            raise InvalidArgument("setup is Python source code, a string")
+        recipe = {"language": language, "packages": requested, "files": stored,
+                  "setup": setup, "env": _check_env(env)}
+        kernel_command(language, self.python)  # an unknown language fails now, not at create
+        self.registry.save_template(name, recipe)
+        return recipe
+
+    def templates(self) -> dict[str, dict[str, Any]]:
+        return self.registry.templates()
 
     async def _abandon(self, session: AsyncSession, reason: str) -> None:
         """A sandbox that failed to start: stop it, keep its files (and log) for a look."""
@@ -341,6 +525,38 @@ class SessionManager(LoggingConfigurable):
         pid = self._supervisor_pid(row) if row else None
         if pid is not None:
             await _stop_process(pid, self.close_timeout)
+
+    def _write_plan(self, session_id: str, layout: SessionLayout, launcher: SandboxLauncher,
+                    command: Any, env: dict[str, str], limits: dict[str, Any],
+                    layers: list[str]) -> None:
+        """The supervisor's launch plan and a fresh pair of connection files (a new key)."""
+        row = self.registry.session(session_id) or {}
+        env = {**env, "SANDBOX_KERNEL_SESSION": session_id,
+               "SANDBOX_KERNEL_SESSION_NAME": row.get("name", session_id)}
+        if layers:
+            env[LAYERS_ENV] = os.pathsep.join(
+                self._layer_dir(launcher.isolation, lid) for lid in layers)
+        plan = launcher.plan(layout, command, env, self.installer.layers_dir)
+        key = str(uuid.uuid4()).encode()
+        for stale in layout.kernel.glob("k-*"):  # sockets of a sandbox that has ended
+            stale.unlink(missing_ok=True)
+        write_connection_file(str(layout.kernel / "kernel.json"), ip=plan.kernel_socket_prefix,
+                              key=key, transport="ipc", **PORTS)
+        write_connection_file(str(layout.connection_file), ip=str(layout.socket_prefix),
+                              key=key, transport="ipc", **PORTS)
+        supervisor.write_json_atomic(layout.root / supervisor.PLAN_FILE, {
+            "session_id": session_id, "registry": str(self.registry.path),
+            "argv": plan.argv, "env": plan.env, "cwd": plan.cwd, "limits": limits,
+            "bwrap": plan.isolation == "bwrap",
+            "on_expiry": [sys.executable, "-m", "sandbox_kernel.lease", str(self.home),
+                          session_id],
+        })
+
+    def _start_supervisor(self, session_id: str, layout: SessionLayout) -> None:
+        for old in (supervisor.EXIT_FILE, supervisor.STATE_FILE):
+            (layout.root / old).unlink(missing_ok=True)
+        pid, started = self._spawn_supervisor(layout.root)
+        self.registry.update(session_id, supervisor_pid=pid, supervisor_started=started)
 
     def _spawn_supervisor(self, session_dir: Path) -> tuple[int, float]:
         package_root = str(Path(__file__).resolve().parent.parent)
@@ -377,7 +593,8 @@ class SessionManager(LoggingConfigurable):
     ) -> list[AsyncSession]:
         for row in self.registry.sessions(status=LIVE_STATUSES):
             self._refresh(row["id"])
-        return [self._handle(r) for r in self.registry.sessions(status=status, tags=tags)]
+        return [self._handle(r) for r in self.registry.sessions(status=status, tags=tags,
+                                                                pooled=False)]
 
     async def _async_close(self, key: str) -> None:
         """Stop the sandbox and remove the session's files; the registry keeps its history."""
@@ -386,7 +603,8 @@ class SessionManager(LoggingConfigurable):
             raise SessionNotFound(key)
         if row["status"] == "closed":
             raise SessionClosed(key)
-        self.registry.transition(row["id"], "closed", allowed_from=("starting", "running", "dead"),
+        self.registry.transition(row["id"], "closed",
+                                 allowed_from=("starting", "running", "frozen", "paused", "dead"),
                                  reason="closed by request")
         session = self._sessions.pop(row["id"], None)
         if session is not None:
@@ -395,13 +613,20 @@ class SessionManager(LoggingConfigurable):
         if pid is not None:
             await _stop_process(pid, self.close_timeout)
         shutil.rmtree(row["session_dir"], ignore_errors=True)
+        for checkpoint in self.registry.checkpoints(row["id"]):  # their content may be gc'd now
+            manifest = checkpoint["manifest"]
+            for v in manifest["variables"].values():
+                for _, digest, _ in v["files"]:
+                    self.store.release(digest)
+            for f in (manifest.get("files") or {}).values():
+                self.store.release(f["hash"])
 
     # -- the blocking face ----------------------------------------------------
 
     def create(
         self,
         name: str | None = None,
-        language: str = "python",
+        language: str | None = None,
         timeout: float | None = None,
         tags: Iterable[str] | None = None,
         env: Mapping[str, str] | None = None,
@@ -409,15 +634,26 @@ class SessionManager(LoggingConfigurable):
         wait: bool = True,
         packages: Iterable[str] | None = None,
         files: Any = None,
+        template: str | None = None,
+        on_timeout: str | None = None,
     ) -> Session:
         """Start a new session; with ``wait`` (default) return when its kernel answers.
 
-        ``packages`` are requirement strings, installed with uv outside the sandbox
-        (once per resolved set, then shared) before the kernel starts. ``files``
-        (paths, or a {local: dest} dict) are uploaded into the work directory.
+        ``language`` is "python" unless a template says otherwise. ``packages``
+        are requirement strings, installed with uv outside the sandbox (once per
+        resolved set, then shared) before the kernel starts. ``files`` (paths, or
+        a {local: dest} dict) are uploaded into the work directory.
+        ``template`` starts from a saved recipe (see save_template). The lease
+        is ``timeout`` seconds (renewed by activity); on expiry ``on_timeout``
+        ("pause" or "close") applies, enforced even when no client is alive.
         """
         return Session(portal.call(self._async_create(
-            name, language, timeout, tags, env, limits, wait, packages, files)))
+            name, language, timeout, tags, env, limits, wait, packages, files, template,
+            on_timeout)))
+
+    def fill_pool(self, wait: bool = True) -> int:
+        """Start the warm sandboxes ``pool_size`` asks for; the number ready."""
+        return portal.call(self._async_fill_pool(wait))
 
     def get(self, key: str) -> Session:
         """Attach to a session by id or name, from this or any other process."""
@@ -474,6 +710,23 @@ async def _stop_process(pid: int, timeout: float) -> None:
         await asyncio.sleep(0.01)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def _file_pairs(files: Any) -> list[tuple[Path, str]]:
+    """(local file, destination) pairs from a path, a list of paths or a {local: dest} dict."""
+    if not files:
+        return []
+    if isinstance(files, dict):
+        pairs = list(files.items())
+    else:
+        pairs = [(f, None) for f in ([files] if isinstance(files, str | os.PathLike) else files)]
+    out = []
+    for local, dest in pairs:
+        path = Path(local).expanduser().absolute()
+        if not path.is_file():
+            raise InvalidArgument(f"template files must be regular files; {path} is not")
+        out.append((path, "/".join(relative_parts(dest or path.name, "destination"))))
+    return out
 
 
 def _check_name(name: Any) -> str:

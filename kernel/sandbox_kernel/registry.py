@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -40,7 +40,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     supervisor_pid INTEGER,
     supervisor_started REAL,
     execution_count INTEGER NOT NULL DEFAULT 0,
-    packages TEXT NOT NULL DEFAULT '{}'
+    packages TEXT NOT NULL DEFAULT '{}',
+    on_timeout TEXT NOT NULL DEFAULT 'pause',
+    parent_id TEXT,
+    checkpoint_id INTEGER,
+    pooled INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name
     ON sessions(name) WHERE status NOT IN ('closed');
@@ -89,6 +93,22 @@ CREATE TABLE IF NOT EXISTS artifacts (
     tags TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS artifacts_session ON artifacts(session_id, id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    name TEXT,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    execution_id INTEGER,
+    execution_count INTEGER,
+    manifest TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_session ON checkpoints(session_id, id);
+CREATE TABLE IF NOT EXISTS templates (
+    name TEXT PRIMARY KEY,
+    recipe TEXT NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bindings (
     key TEXT PRIMARY KEY,
     session_id TEXT NOT NULL REFERENCES sessions(id),
@@ -97,10 +117,18 @@ CREATE TABLE IF NOT EXISTS bindings (
 """
 
 #: Statuses in which a sandbox process is expected to exist.
-LIVE_STATUSES = ("starting", "running")
+LIVE_STATUSES = ("starting", "running", "frozen")
+#: Every status a session can be in, as info(), the CLI and the dashboard show it.
+STATUSES = ("starting", "running", "paused", "frozen", "closed", "dead")
 _JSON_COLUMNS = ("tags", "limits", "env", "packages")
 #: Changes that CREATE ... IF NOT EXISTS cannot make, by the version that needs them.
-_MIGRATIONS = {3: ["ALTER TABLE sessions ADD COLUMN packages TEXT NOT NULL DEFAULT '{}'"]}
+_MIGRATIONS = {
+    3: ["ALTER TABLE sessions ADD COLUMN packages TEXT NOT NULL DEFAULT '{}'"],
+    4: ["ALTER TABLE sessions ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'pause'",
+        "ALTER TABLE sessions ADD COLUMN parent_id TEXT",
+        "ALTER TABLE sessions ADD COLUMN checkpoint_id INTEGER",
+        "ALTER TABLE sessions ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0"],
+}
 
 
 class Registry:
@@ -171,9 +199,14 @@ class Registry:
         return _decode(row)
 
     def sessions(
-        self, status: str | Iterable[str] | None = None, tags: Iterable[str] | None = None
+        self, status: str | Iterable[str] | None = None, tags: Iterable[str] | None = None,
+        pooled: bool | None = None,
     ) -> list[dict[str, Any]]:
+        """Sessions, oldest first; ``pooled`` True/False: only warm-pool ones / only users'."""
         where, args = [], []
+        if pooled is not None:
+            where.append("pooled=?")
+            args.append(int(pooled))
         if status is not None:
             statuses = [status] if isinstance(status, str) else list(status)
             where.append(f"status IN ({', '.join('?' for _ in statuses)})")
@@ -212,6 +245,84 @@ class Registry:
             )
             return cur.rowcount == 1
 
+    def renew(self, session_id: str, at: float | None = None) -> None:
+        """Activity: the lease runs ``timeout`` seconds from now again."""
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET last_activity=MAX(last_activity, ?) WHERE id=?",
+                       (time.time() if at is None else at, session_id))
+
+    def claim_pooled(self, language: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Take one warm sandbox of ``language`` out of the pool, renamed; None if none is ready.
+
+        One transaction, so two processes creating at once never get the same sandbox.
+        """
+        fields = _encode(fields)
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM sessions WHERE pooled=1 AND language=? AND status='running' "
+                "ORDER BY created LIMIT 1", (language,)).fetchone()
+            if row is None:
+                return None
+            db.execute(f"UPDATE sessions SET pooled=0, {sets} WHERE id=?",
+                       (*fields.values(), row[0]))
+        return self.session(row[0])
+
+    def count_live(self) -> int:
+        """Sessions that hold a sandbox process for a user (the warm pool does not count)."""
+        marks = ", ".join("?" for _ in LIVE_STATUSES)
+        with self._lock:
+            return self._db.execute(
+                f"SELECT COUNT(*) FROM sessions WHERE pooled=0 AND status IN ({marks})",
+                LIVE_STATUSES).fetchone()[0]
+
+    # -- checkpoints: captured interpreter state, by reference into the store ----------
+
+    def add_checkpoint(self, session_id: str, name: str | None, kind: str,
+                       execution_id: int | None, execution_count: int | None,
+                       manifest: dict[str, Any]) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO checkpoints (session_id, name, kind, created, execution_id, "
+                "execution_count, manifest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (session_id, name, kind, time.time(), execution_id, execution_count,
+                 json.dumps(manifest)))
+            return int(cur.lastrowid or 0)
+
+    def checkpoints(self, session_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM checkpoints WHERE session_id=? ORDER BY id",
+                                    (session_id,)).fetchall()
+        return [dict(r) | {"manifest": json.loads(r["manifest"])} for r in rows]
+
+    def checkpoint(self, checkpoint_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM checkpoints WHERE id=?",
+                                   (checkpoint_id,)).fetchone()
+        return dict(row) | {"manifest": json.loads(row["manifest"])} if row else None
+
+    def delete_checkpoint(self, checkpoint_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM checkpoints WHERE id=?", (checkpoint_id,))
+
+    # -- templates: named recipes for new sessions -----------------------------------
+
+    def save_template(self, name: str, recipe: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO templates (name, recipe, created) VALUES (?, ?, ?)",
+                       (name, json.dumps(recipe), time.time()))
+
+    def template(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT recipe FROM templates WHERE name=?",
+                                   (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def templates(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, recipe FROM templates ORDER BY name").fetchall()
+        return {n: json.loads(r) for n, r in rows}
+
     # -- files the host placed in a session's work directory -------------------
 
     def set_session_file(self, session_id: str, path: str, digest: str, size: int,
@@ -219,6 +330,13 @@ class Registry:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO session_files VALUES (?, ?, ?, ?, ?)",
                        (session_id, path, digest, size, mtime_ns))
+
+    def session_files(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """Every file the host placed in a session: path -> hash, size."""
+        with self._lock:
+            rows = self._db.execute("SELECT path, hash, size FROM session_files "
+                                    "WHERE session_id=?", (session_id,)).fetchall()
+        return {r[0]: {"hash": r[1], "size": r[2]} for r in rows}
 
     def session_file(self, session_id: str, path: str) -> dict[str, Any] | None:
         with self._lock:
@@ -359,6 +477,13 @@ class Registry:
                 (now, execution_count, session_id),
             )
         return execution_id
+
+    def last_execution(self, session_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, execution_count FROM executions WHERE session_id=? "
+                "ORDER BY id DESC LIMIT 1", (session_id,)).fetchone()
+        return dict(row) if row else None
 
     def executions(self, session_id: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -21,6 +21,8 @@ class ExecutionResult:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    #: The evaluated ``user_expressions`` of the request, when it had any.
+    expressions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

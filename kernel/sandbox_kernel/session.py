@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -22,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 from . import portal
 from .artifacts import Artifact, ArtifactRecorder
 from .connection import ConnectionLost, KernelConnection, MessageHook
-from .errors import ExecutionTimeout, SandboxError, SessionClosed, SessionDead, StartFailed
+from .errors import (
+    ExecutionTimeout,
+    InvalidArgument,
+    SandboxError,
+    SessionBusy,
+    SessionClosed,
+    SessionDead,
+    StartFailed,
+)
+from .lifecycle import FROZEN_MARK, Checkpoint, LifecycleMixin, ResumeReport
 from .packages import InstallResult
 from .result import ExecutionResult, output_from_message
 from .timing import Timing
@@ -68,7 +78,11 @@ del _sandbox_kernel_activate
 PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 
 
-class AsyncSession:
+class _PauseInProgress(SessionBusy):
+    """Another client holds the session still (pausing it); a run waits, then resumes it."""
+
+
+class AsyncSession(LifecycleMixin):
     def __init__(self, manager: SessionManager, row: dict[str, Any]):
         self.manager = manager
         self.id: str = row["id"]
@@ -88,6 +102,12 @@ class AsyncSession:
         self.last_upload: dict[str, Any] | None = None
         #: Called with (channel, message) for kernel messages no request of ours claims.
         self.on_unrouted: Callable[[str, dict[str, Any]], None] | None = None
+        #: What the last resume brought back (and what it could not).
+        self.last_resume: ResumeReport | None = None
+        self._busy_fd: int | None = None
+        self._inflight = 0
+        self._keep_alive = False
+        self._lease_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} id={self.id}>"
@@ -146,19 +166,29 @@ class AsyncSession:
         record_later: bool = False,
         record: bool = True,
         msg_id: str | None = None,
+        gate: bool = True,
     ) -> tuple[dict[str, Any], ExecutionResult]:
         """Send an execute_request as given; return the raw reply and the result.
 
         The kernel proxy uses this to pass a frontend's request through
         unchanged and to see every raw message (``on_message``) as it arrives;
         with ``record_later`` the registry write happens after the caller has
-        sent its reply, off the cell's critical path.
+        sent its reply, off the cell's critical path. A paused or frozen session
+        is resumed first; ``gate=False`` (our own code during a pause or
+        resume) skips that and the busy lock.
         """
         timing = Timing()
-        await self._ensure_attached(timing)
-        pending = self.start_execute(content, on_output=on_output, on_stdin=on_stdin,
-                                     on_message=on_message, metadata=metadata, timing=timing,
-                                     msg_id=msg_id)
+        while True:
+            if gate:
+                await self._wake(timing)
+            await self._ensure_attached(timing)
+            try:
+                pending = self.start_execute(content, on_output=on_output, on_stdin=on_stdin,
+                                             on_message=on_message, metadata=metadata,
+                                             timing=timing, msg_id=msg_id, gate=gate)
+                break
+            except _PauseInProgress:  # wait it out; the run then resumes the session
+                await asyncio.sleep(0.01)
         pending.record = record
         return await pending.finish(timeout, record_later)
 
@@ -172,6 +202,7 @@ class AsyncSession:
         metadata: dict[str, Any] | None = None,
         timing: Timing | None = None,
         msg_id: str | None = None,
+        gate: bool = True,
     ) -> PendingExecution:
         """Send the request now, synchronously (the session must be attached).
 
@@ -182,22 +213,63 @@ class AsyncSession:
         """
         if self._conn is None:
             raise RuntimeError("start_execute needs an attached session; use execute()")
+        if gate:
+            self._begin_run()
         pending = PendingExecution(self, content, timing or Timing(), on_output, on_message)
-        pending.future = self._conn.send("shell", "execute_request", content,
-                                         on_message=pending.collect, on_stdin=on_stdin,
-                                         metadata=metadata,
-                                         header={"msg_id": msg_id} if msg_id else None)
+        try:
+            pending.future = self._conn.send("shell", "execute_request", content,
+                                             on_message=pending.collect, on_stdin=on_stdin,
+                                             metadata=metadata,
+                                             header={"msg_id": msg_id} if msg_id else None)
+        except BaseException:
+            if gate:
+                self._end_run()
+            raise
+        if gate:
+            pending.future.add_done_callback(self._end_run)
         return pending
+
+    def ready(self) -> bool:
+        """Attached and neither paused nor frozen: a cell can be sent at once."""
+        return self._conn is not None and not os.path.exists(
+            Path(self._row["session_dir"]) / FROZEN_MARK)
+
+    def _begin_run(self) -> None:
+        """Hold the shared busy lock while cells run, so that a pause waits for them."""
+        if self._inflight == 0:
+            if self._busy_fd is None:
+                self._busy_fd = os.open(Path(self._row["session_dir"]) / "busy.lock",
+                                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(self._busy_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _PauseInProgress(f"session {self.name!r} is being paused") from None
+        self._inflight += 1
+
+    def _end_run(self, _done: Any = None) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._busy_fd is not None:
+            fcntl.flock(self._busy_fd, fcntl.LOCK_UN)
+
+    async def _wake(self, timing: Timing | None = None) -> None:
+        """Resume a paused or frozen session before using it."""
+        if self.ready():
+            return
+        row = self.manager._refresh(self.id)
+        if row["status"] in ("paused", "frozen"):
+            await self.resume(timing=timing)
 
     async def request(
         self, msg_type: str, content: dict[str, Any], timeout: float | None = 60
     ) -> dict[str, Any]:
         """Any other shell request (complete, inspect, history, comm_info…): its reply."""
+        await self._wake()
         conn = await self._ensure_attached(Timing())
         return await self._wait(conn.send("shell", msg_type, content), timeout)
 
     async def connection(self) -> KernelConnection:
         """The attached connection, for relaying messages that expect no reply."""
+        await self._wake()
         return await self._ensure_attached(Timing())
 
     async def install(self, packages: Iterable[str]) -> InstallResult:
@@ -355,8 +427,12 @@ class AsyncSession:
                     raise SessionClosed(self.name)
                 if row["status"] == "dead":
                     raise SessionDead(self.name, row["reason"])
+                if row["status"] == "paused":
+                    raise SandboxError(f"session {self.name!r} is paused; resume() it first")
                 self._conn = await self._attach(row)
                 self._row = self.manager._refresh(self.id)
+                if self._lease_task is None or self._lease_task.done():
+                    self._lease_task = asyncio.ensure_future(self._keep_lease())
                 if self._recorder is None:  # the work directory as it is before our first run
                     self._recorder = ArtifactRecorder(
                         self.id, self.work_dir, self.manager.store, self.manager.registry,
@@ -440,12 +516,57 @@ class AsyncSession:
         row = self.manager._refresh(self.id, supervisor_gone=True)
         if row["status"] == "closed":
             self._gone = SessionClosed(self.name)
+        elif row["status"] == "paused":
+            self._gone = SandboxError(f"session {self.name!r} was paused while this request "
+                                      "waited; run it again (that resumes the session)")
         else:
             self._gone = SessionDead(self.name, row["reason"])
         conn, self._conn = self._conn or self._opening, None
         if conn is not None:
             conn.fail(self._gone)
             conn.close()
+
+    # -- the lease ------------------------------------------------------------
+
+    def keep_alive(self, enabled: bool = True) -> None:
+        """While on, this client renews the lease whenever less than ``renew_threshold`` remains.
+
+        The kernel and the magics turn it on: a notebook that is open keeps its
+        session. Running cells renew the lease either way.
+        """
+        self._keep_alive = enabled
+
+    def set_timeout(self, seconds: float, on_timeout: str | None = None) -> dict[str, Any]:
+        """A new lease length (from now), and optionally what expiry does: pause or close."""
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, got {seconds!r}")
+        fields: dict[str, Any] = {"timeout": float(seconds)}
+        if on_timeout is not None:
+            if on_timeout not in ("pause", "close"):
+                raise InvalidArgument(f"on_timeout must be 'pause' or 'close', got {on_timeout!r}")
+            fields["on_timeout"] = on_timeout
+        self.manager.registry.update(self.id, **fields)
+        self.manager.registry.renew(self.id)
+        return self.info()
+
+    async def _keep_lease(self) -> None:
+        """Renew while kept alive or running; ends with the session (or its manager)."""
+        registry = self.manager.registry
+        try:
+            while True:
+                row = registry.session(self.id)
+                if row is None or row["status"] in ("closed", "dead"):
+                    return
+                threshold = self.manager.renew_threshold
+                await asyncio.sleep(max(0.2, min(30.0, threshold / 4, row["timeout"] / 4)))
+                if not (self._keep_alive or self._inflight):
+                    continue
+                fresh = registry.session(self.id)
+                if (fresh and fresh["status"] == "running"
+                        and fresh["last_activity"] + fresh["timeout"] - time.time() < threshold):
+                    registry.renew(self.id)
+        except Exception:  # noqa: BLE001 - a closed registry: the manager is gone
+            return
 
     def _detach(self) -> None:
         """Drop the connection and the watch (the session itself is untouched)."""
@@ -607,3 +728,56 @@ class Session:
 
     def close(self) -> None:
         portal.call(self._inner.close())
+
+    # -- lifecycle (see lifecycle.py) -----------------------------------------------
+
+    def pause(self, mode: str = "snapshot") -> dict[str, Any]:
+        """Free the sandbox's memory (snapshot) or stop it in place (freeze); keeps everything."""
+        return portal.call(self._inner.pause(mode))
+
+    def resume(self, checkpoint: int | None = None) -> ResumeReport:
+        """Bring the session back; the report names what was restored, replayed or lost."""
+        return portal.call(self._inner.resume(checkpoint))
+
+    @property
+    def last_resume(self) -> ResumeReport | None:
+        return self._inner.last_resume
+
+    def checkpoint(self, name: str | None = None) -> Checkpoint:
+        """Save variables, imports and files now; unchanged ones cost no new storage."""
+        return portal.call(self._inner.checkpoint(name))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return self._inner.checkpoints()
+
+    def restore(self, checkpoint: int | str | Checkpoint) -> ResumeReport:
+        """Go back to a checkpoint (by id, name or object)."""
+        return portal.call(self._inner.restore(checkpoint))
+
+    def fork(self, checkpoint: int | str | Checkpoint | None = None,
+             name: str | None = None) -> Session:
+        """A new session from a checkpoint (a new one now by default), linked to this one."""
+        return Session(portal.call(self._inner.fork(checkpoint, name)))
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded run of this session, oldest first."""
+        return self._inner.history()
+
+    def replay(self, into: str | Session | None = None, until: int | None = None) -> Session:
+        """Run the recorded cells again (up to execution count ``until``) in a new session."""
+        target = into.async_session if isinstance(into, Session) else into
+        return Session(portal.call(self._inner.replay(target, until)))
+
+    def set_timeout(self, seconds: float, on_timeout: str | None = None) -> dict[str, Any]:
+        """A new lease of ``seconds`` from now; ``on_timeout`` 'pause' or 'close'."""
+        return self._inner.set_timeout(seconds, on_timeout)
+
+    def keep_alive(self, enabled: bool = True) -> None:
+        """Renew the lease automatically while this client lives (and ``enabled``)."""
+        portal.call(_set_keep_alive(self._inner, enabled))
+
+
+async def _set_keep_alive(session: AsyncSession, enabled: bool) -> None:
+    session.keep_alive(enabled)
+    if enabled:
+        await session.connection()  # attach, which starts the lease keeper

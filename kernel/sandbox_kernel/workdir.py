@@ -80,8 +80,9 @@ class WorkDir:
         """A regular file, opened read-only without following links."""
         with self.directory(parts[:-1]) as dir_fd:
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=dir_fd)
+                # O_NONBLOCK: a FIFO planted by the sandbox must not hang the host's open.
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK, dir_fd=dir_fd)
             except FileNotFoundError:
                 raise InvalidArgument(f"no file {'/'.join(parts)!r} in the work directory"
                                       ) from None

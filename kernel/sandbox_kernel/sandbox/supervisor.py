@@ -91,6 +91,9 @@ class Supervisor:
         self.stopping = False
         self.child: subprocess.Popen[bytes] | None = None
         self.cgroups = Cgroups()
+        self.registry: Registry | None = None
+        self.expiry: subprocess.Popen[bytes] | None = None
+        self.expiry_started = 0.0
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -135,7 +138,7 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 Registry(self.plan["registry"]).transition(
                     self.plan["session_id"], "dead",
-                    allowed_from=("starting", "running"), reason=reason,
+                    allowed_from=("starting", "running", "frozen"), reason=reason,
                 )
         self._kill_group()
         self.cgroups.remove()
@@ -173,10 +176,43 @@ class Supervisor:
         assert self.child is not None
         pidfd = os.pidfd_open(self.child.pid)
         try:
-            while not select.select([pidfd], [], [], TICK_SECONDS)[0]:
-                pass
+            while not select.select([pidfd], [], [], self._tick())[0]:
+                with contextlib.suppress(Exception):  # the registry may be busy: next tick
+                    self._check_lease()
         finally:
             os.close(pidfd)
+
+    def _tick(self) -> float:
+        """Check the lease every few seconds; more often for short leases (tests, agents)."""
+        row = self.registry.session(self.plan["session_id"]) if self.registry else None
+        timeout = row["timeout"] if row else TICK_SECONDS
+        return max(0.5, min(TICK_SECONDS, timeout / 4))
+
+    def _check_lease(self) -> None:
+        """Enforce the lease with no client alive: past expiry, start the expiry helper.
+
+        The helper (``python -m sandbox_kernel.lease``) pauses or closes the
+        session as its ``on_timeout`` says; pausing needs the full environment
+        (the store, jupyter_client), which this stdlib-only process does not load.
+        A helper that fails is retried a minute later.
+        """
+        if self.registry is None:
+            self.registry = Registry(self.plan["registry"])
+        if self.expiry is not None and self.expiry.poll() is None:
+            return
+        row = self.registry.session(self.plan["session_id"])
+        if row is None or row["status"] not in ("running", "frozen"):
+            return
+        now = time.time()
+        if now < row["last_activity"] + row["timeout"] or now - self.expiry_started < 60:
+            return
+        self.expiry_started = now
+        log = open(self.session_dir / "supervisor.log", "ab")  # noqa: SIM115 - the child's
+        self.expiry = subprocess.Popen(
+            self.plan["on_expiry"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True, close_fds=True,
+        )
+        log.close()
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True

@@ -218,8 +218,12 @@ class ContentStore:
         return data
 
     def export(self, digest: str, dest: str | Path,
-               on_bytes: Callable[[int], None] | None = None) -> FileRecord:
-        """Write a stored file to ``dest``: verified, fsynced, renamed into place."""
+               on_bytes: Callable[[int], None] | None = None, fsync: bool = True) -> FileRecord:
+        """Write a stored file to ``dest``: verified, fsynced, renamed into place.
+
+        ``fsync=False`` for transient copies (a snapshot being loaded): the store
+        keeps the durable one.
+        """
         record = self.file(digest)
         if record is None:
             raise MissingChunk(f"file {digest[:16]}… is not in the store")
@@ -233,7 +237,8 @@ class ContentStore:
                     if on_bytes is not None:
                         on_bytes(len(data))
                 out.flush()
-                os.fsync(out.fileno())
+                if fsync:
+                    os.fsync(out.fileno())
             if file_hash(h for h, _ in record.chunks) != digest:
                 raise CorruptChunk(f"file {digest[:16]}… does not match its chunk list")
             os.replace(tmp, dest)

@@ -1,0 +1,632 @@
+"""Pause and resume, freeze, checkpoints, restore, fork, history and replay.
+
+A session's interpreter state goes into the content-addressed store as a
+*checkpoint*: each variable's pickle and raw buffers (captured inside the
+sandbox by ``snapshot.py``), plus, for checkpoints a user asks for, the work
+directory's files. Everything is stored by hash, so an unchanged variable or
+file costs no new storage. Pause is a checkpoint followed by the sandbox's
+exit; resume starts a new sandbox and loads the checkpoint back, rebuilding
+what could not be pickled by replaying recorded cells (``replay.py``) and
+naming whatever still could not come back. Freeze stops the processes
+instead (SIGSTOP), which keeps memory and resumes at once.
+
+Lifecycle changes of one session are serialized across processes by an
+advisory lock on ``lifecycle.lock``; running cells hold a shared lock on
+``busy.lock``, which a pause takes exclusively, so a pause never captures a
+half-run cell and waits at most ``pause_wait`` seconds for one to finish.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from .errors import (
+    InvalidArgument,
+    SandboxError,
+    SessionBusy,
+    SessionClosed,
+    SessionDead,
+    SnapshotDamaged,
+)
+from .replay import plan_replay
+from .sandbox import supervisor
+from .sandbox.launcher import INSIDE_KERNEL
+from .snapshot import REPORT, request_code
+from .store import FileRecord
+from .timing import Timing
+from .workdir import UnsafePath, WorkDir, relative_parts
+
+if TYPE_CHECKING:
+    from .session import AsyncSession
+
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                              thread_name_prefix="sandbox-kernel-snapshot")
+FROZEN_MARK = "frozen"
+
+
+@dataclass
+class Checkpoint:
+    """A saved state of a session: variables and imports, and files when it was asked for."""
+
+    id: int
+    session_id: str
+    name: str | None
+    kind: str
+    created: float
+    execution_count: int | None
+    variables: list[str]
+    skipped: dict[str, str]
+    files: int | None
+    size: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Checkpoint:
+        m = row["manifest"]
+        return cls(
+            id=row["id"], session_id=row["session_id"], name=row["name"], kind=row["kind"],
+            created=row["created"], execution_count=row["execution_count"],
+            variables=sorted(m["variables"]) + sorted(m["imports"]), skipped=m["skipped"],
+            files=None if m.get("files") is None else len(m["files"]),
+            size=sum(v["size"] for v in m["variables"].values()), stats=m.get("stats", {}),
+        )
+
+
+@dataclass
+class ResumeReport:
+    """What came back after a resume or restore, and how; nothing lost goes unnamed."""
+
+    checkpoint: int | None
+    restored: list[str] = field(default_factory=list)
+    imports: list[str] = field(default_factory=list)
+    #: Variables rebuilt by replay -> the execution counts of the cells that were run again.
+    replayed: dict[str, list[int | None]] = field(default_factory=dict)
+    #: Variables that could not come back -> why.
+    lost: dict[str, str] = field(default_factory=dict)
+    files: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+    thawed: bool = False
+
+    def __str__(self) -> str:
+        if self.thawed:
+            return "resumed from freeze: memory was kept, nothing to restore"
+        lines = [f"restored {len(self.restored)} variables and {len(self.imports)} imports "
+                 f"from checkpoint {self.checkpoint}"]
+        for name, cells in self.replayed.items():
+            lines.append(f"rebuilt {name} by replaying cells {cells}")
+        for name, why in self.lost.items():
+            lines.append(f"could not restore {name}: {why}")
+        return "\n".join(lines)
+
+
+class LifecycleMixin:
+    """The lifecycle half of AsyncSession (kept apart: one concept per module)."""
+
+    # Provided by AsyncSession.
+    manager: Any
+    id: str
+    name: str
+    _row: dict[str, Any]
+    _conn: Any
+
+    # -- locks -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _flock(self, name: str, mode: int, wait: float, what: str) -> AsyncIterator[None]:
+        fd = os.open(Path(self._row["session_dir"]) / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SessionBusy(what) from None
+                    await asyncio.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)
+
+    def _lifecycle_lock(self) -> Any:
+        return self._flock(
+            "lifecycle.lock", fcntl.LOCK_EX, self.manager.pause_wait + 60,
+            f"session {self.name!r}: another client is pausing, resuming or checkpointing it "
+            "and did not finish in time; try again")
+
+    def _quiet(self) -> Any:
+        """No cell running (in any client), and none starting, while this is held."""
+        wait = self.manager.pause_wait
+        return self._flock(
+            "busy.lock", fcntl.LOCK_EX, wait,
+            f"session {self.name!r} is running a cell; waited {wait:g} s for it to finish. "
+            "Interrupt it (session.interrupt()) or try again when it is done")
+
+    # -- pause and resume ------------------------------------------------------------
+
+    async def pause(self, mode: str = "snapshot") -> dict[str, Any]:
+        """Stop the sandbox, keeping variables, files and packages; ``resume()`` brings it back.
+
+        ``mode="snapshot"`` saves the variables to the store and ends the sandbox
+        process (no CPU, no memory). ``mode="freeze"`` stops its processes with
+        SIGSTOP instead: memory is kept and resume is instant.
+        """
+        if mode not in ("snapshot", "freeze"):
+            raise InvalidArgument(f"mode must be 'snapshot' or 'freeze', got {mode!r}")
+        timing = Timing()
+        async with self._lifecycle_lock():
+            row = self._usable_row()
+            if row["status"] == "paused" or (row["status"] == "frozen" and mode == "freeze"):
+                return {"status": row["status"], "already": True, "timing": dict(timing.finish())}
+            if row["status"] == "frozen":
+                self._thaw(row)
+            await self._ensure_attached(timing)  # type: ignore[attr-defined]
+            async with self._quiet():
+                if mode == "freeze":
+                    with timing.stage("pause"):
+                        self._freeze(self.manager._refresh(self.id))
+                    return {"status": "frozen", "timing": dict(timing.finish())}
+                with timing.stage("pause"):
+                    checkpoint = await self._capture("pause", None, files=False)
+                    self.manager.registry.update(self.id, checkpoint_id=checkpoint.id)
+                    if not self.manager.registry.transition(
+                            self.id, "paused", allowed_from=("running",),
+                            reason="paused; resume() or any run brings it back"):
+                        raise SessionDead(self.name, self.manager._refresh(self.id)["reason"])
+                    await self._stop_sandbox()
+        return {"status": "paused", "checkpoint": checkpoint.id, "skipped": checkpoint.skipped,
+                "size": checkpoint.size, "timing": dict(timing.finish())}
+
+    async def resume(self, checkpoint: int | None = None,
+                     timing: Timing | None = None) -> ResumeReport:
+        """Bring a paused or frozen session back (runs and attaches do this on their own)."""
+        timing = timing if timing is not None else Timing()
+        t = time.perf_counter()
+        async with self._lifecycle_lock():
+            row = self._usable_row()
+            if row["status"] == "frozen":
+                self._thaw(row)
+                report = ResumeReport(checkpoint=None, thawed=True)
+            elif row["status"] != "paused":
+                report = ResumeReport(checkpoint=None)
+            else:
+                chosen = checkpoint if checkpoint is not None else row["checkpoint_id"]
+                cp = self._checkpoint_row(chosen)
+                await self._relaunch(row)
+                try:
+                    report = await self._restore_from(cp, reset=False, files=False)
+                except SnapshotDamaged:
+                    await self._back_to_paused()
+                    raise
+        timing["resume"] = timing.get("resume", 0.0) + time.perf_counter() - t
+        report.timing = dict(timing)
+        self.last_resume = report
+        return report
+
+    async def _relaunch(self, row: dict[str, Any]) -> None:
+        old = self.manager._supervisor_pid(row)
+        if old is not None:
+            from .manager import _stop_process
+
+            await _stop_process(old, self.manager.close_timeout)
+        self._detach()  # type: ignore[attr-defined]
+        self.manager._relaunch(row)
+        self._row = self.manager._refresh(self.id)
+        await self._ensure_attached(Timing())  # type: ignore[attr-defined]
+
+    async def _back_to_paused(self) -> None:
+        """A resume that failed: stop the new sandbox, so nothing runs without its state."""
+        self.manager.registry.transition(self.id, "paused", allowed_from=("running", "starting"),
+                                         reason="paused; its last resume failed")
+        await self._stop_sandbox()
+
+    async def _stop_sandbox(self) -> None:
+        from .manager import _stop_process
+
+        row = self.manager.registry.session(self.id) or self._row
+        pid = self.manager._supervisor_pid(row)
+        self._detach()  # type: ignore[attr-defined]
+        if pid is not None:
+            await _stop_process(pid, self.manager.close_timeout)
+
+    def _usable_row(self) -> dict[str, Any]:
+        row = self.manager._refresh(self.id)
+        self._row = row
+        if row["status"] == "closed":
+            raise SessionClosed(self.name)
+        if row["status"] == "dead":
+            raise SessionDead(self.name, row["reason"])
+        return row
+
+    # -- freeze ------------------------------------------------------------------
+
+    def _sandbox_processes(self, row: dict[str, Any]) -> list[psutil.Process]:
+        try:
+            state = json.loads((Path(row["session_dir"]) / supervisor.STATE_FILE).read_text())
+            top = psutil.Process(state["sandbox_pid"])
+            return [top, *top.children(recursive=True)]
+        except (OSError, ValueError, KeyError, psutil.Error):
+            raise SessionDead(self.name, "its sandbox process is gone") from None
+
+    def _freeze(self, row: dict[str, Any]) -> None:
+        for proc in self._sandbox_processes(row):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGSTOP)
+        (Path(row["session_dir"]) / FROZEN_MARK).touch()
+        self.manager.registry.transition(self.id, "frozen", allowed_from=("running",),
+                                         reason="frozen: memory kept; resume() continues it")
+
+    def _thaw(self, row: dict[str, Any]) -> None:
+        for proc in self._sandbox_processes(row):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+        (Path(row["session_dir"]) / FROZEN_MARK).unlink(missing_ok=True)
+        self.manager.registry.transition(self.id, "running", allowed_from=("frozen",))
+        self.manager.registry.renew(self.id)
+
+    # -- checkpoints -------------------------------------------------------------
+
+    async def checkpoint(self, name: str | None = None) -> Checkpoint:
+        """Save the variables, imports and work-directory files; restore() or fork() from it."""
+        if name is not None and (not isinstance(name, str) or not name or len(name) > 128):
+            raise InvalidArgument(
+                f"a checkpoint name is a string of 1-128 characters, got {name!r}")
+        await self._wake()  # type: ignore[attr-defined]  # a paused session resumes first
+        async with self._lifecycle_lock():
+            self._usable_row()
+            await self._ensure_attached(Timing())  # type: ignore[attr-defined]
+            async with self._quiet():
+                return await self._capture("checkpoint", name, files=True)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """This session's checkpoints (pauses included), oldest first."""
+        return [Checkpoint.from_row(r) for r in self.manager.registry.checkpoints(self.id)]
+
+    async def restore(self, checkpoint: int | str | Checkpoint) -> ResumeReport:
+        """Put the session back to a checkpoint: variables replaced, its files put back.
+
+        Files created after the checkpoint are kept (nothing is deleted); the
+        report counts the files restored.
+        """
+        cp = self._checkpoint_row(checkpoint)
+        async with self._lifecycle_lock():
+            row = self._usable_row()
+            if row["status"] == "paused":
+                await self._relaunch(row)
+            elif row["status"] == "frozen":
+                self._thaw(row)
+            await self._ensure_attached(Timing())  # type: ignore[attr-defined]
+            async with self._quiet():
+                return await self._restore_from(cp, reset=True, files=True)
+
+    def _checkpoint_row(self, key: int | str | Checkpoint | None) -> dict[str, Any]:
+        registry = self.manager.registry
+        if isinstance(key, Checkpoint):
+            key = key.id
+        row = None
+        if isinstance(key, int) and not isinstance(key, bool):
+            row = registry.checkpoint(key)
+        elif isinstance(key, str):
+            named = [c for c in registry.checkpoints(self.id) if c["name"] == key]
+            row = named[-1] if named else None
+        if row is None:
+            raise InvalidArgument(
+                f"session {self.name!r} has no checkpoint {key!r}; checkpoints() lists them")
+        return row
+
+    # -- capture: inside the sandbox, then into the store ------------------------------
+
+    def _snapshot_dir(self) -> tuple[Path, str, str]:
+        """A fresh directory the kernel writes to: host path, path inside, name."""
+        name = f"snap-{secrets.token_hex(6)}"
+        kernel_dir = Path(self._row["session_dir"]) / "kernel"
+        host = kernel_dir / name
+        host.mkdir(mode=0o700)
+        inside = f"{INSIDE_KERNEL}/{name}" if self._row["isolation"] == "bwrap" else str(host)
+        return host, inside, name
+
+    async def _run_internal(self, code: str, check: bool = True,
+                            expressions: dict[str, str] | None = None) -> Any:
+        """Run code of ours: silent, out of the history, not an artifact-producing run."""
+        reply, result = await self.execute(  # type: ignore[attr-defined]
+            {"code": code, "silent": True, "store_history": False,
+             "user_expressions": expressions or {}, "allow_stdin": False,
+             "stop_on_error": False}, record=False, gate=False)
+        if check and not result.ok:
+            raise SandboxError(f"session {self.name!r}: the sandbox could not save or load its "
+                               f"state: {result.error['ename']}: {result.error['evalue']}")
+        result.expressions = reply["content"].get("user_expressions", {})
+        return result
+
+    def _read_report(self, name: str) -> dict[str, Any]:
+        kernel = WorkDir(Path(self._row["session_dir"]) / "kernel")
+        try:
+            with kernel.open_file((name, REPORT)) as (fd, st):
+                if st.st_size > 64 << 20:
+                    raise SandboxError("the sandbox's snapshot report is implausibly large")
+                return json.loads(os.pread(fd, st.st_size, 0))
+        except (OSError, ValueError, UnsafePath) as exc:
+            raise SandboxError(f"session {self.name!r}: no usable snapshot report ({exc})"
+                               ) from None
+
+    async def _capture(self, kind: str, name: str | None, files: bool) -> Checkpoint:
+        host, inside, snap = self._snapshot_dir()
+        started = time.perf_counter()
+        try:
+            await self._run_internal(request_code(
+                {"op": "capture", "dir": inside, "timeout": self.manager.variable_timeout}))
+            captured = time.perf_counter()
+            report = self._read_report(snap)
+            names = [f for v in report["variables"].values() for f in v["files"]]
+            records = await asyncio.to_thread(self._ingest_snapshot, snap, names)
+            variables = {
+                var: {"files": [[f, records[f].hash, records[f].size] for f in v["files"]],
+                      "type": v["type"], "size": v["size"]}
+                for var, v in report["variables"].items()
+            }
+            work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
+        finally:
+            shutil.rmtree(host, ignore_errors=True)
+        all_records = list(records.values()) + [r for _, r in (work_files or {}).values()]
+        stats = {
+            "capture_seconds": round(captured - started, 6),
+            "store_seconds": round(time.perf_counter() - captured, 6),
+            "bytes": sum(r.size for r in all_records),
+            "chunks_new": sum(r.new_chunks for r in all_records),
+            "chunks_reused": sum(r.reused_chunks for r in all_records),
+            "bytes_written": sum(r.bytes_written for r in all_records),
+            "stat_cache_hits": sum(1 for r in all_records if r.stat_cache_hit),
+        }
+        manifest = {
+            "variables": variables, "imports": report["imports"], "skipped": report["skipped"],
+            "execution_count": report["execution_count"], "pickler": report.get("pickler"),
+            "files": None if work_files is None else {
+                p: {"hash": r.hash, "size": r.size} for p, (_, r) in work_files.items()},
+            "stats": stats,
+        }
+        store = self.manager.store
+        for r in all_records:
+            store.add_ref(r.hash)
+        registry = self.manager.registry
+        last = registry.last_execution(self.id)
+        checkpoint_id = registry.add_checkpoint(
+            self.id, name, kind, last["id"] if last else None, report["execution_count"] - 1,
+            manifest)
+        return Checkpoint.from_row(registry.checkpoint(checkpoint_id) or {})
+
+    def _ingest_snapshot(self, snap: str, names: list[str]) -> dict[str, FileRecord]:
+        kernel = WorkDir(Path(self._row["session_dir"]) / "kernel")
+        store = self.manager.store
+
+        def one(name: str) -> FileRecord:
+            with kernel.open_file((snap, name)) as (fd, _):
+                return store.ingest(f"/proc/self/fd/{fd}")
+
+        return dict(zip(names, _POOL.map(one, names), strict=True))
+
+    def _ingest_work_dir(self) -> dict[str, tuple[int, FileRecord]]:
+        """Every regular file of the work directory, into the store (unchanged ones by stat)."""
+        work = WorkDir(Path(self._row["session_dir"]) / "work")
+        store = self.manager.store
+
+        def one(path: str) -> tuple[int, FileRecord] | None:
+            host = f"{work.root}/{path}"
+            try:
+                with work.open_file(relative_parts(path)) as (fd, st):
+                    known = store.stat_lookup(host, st)
+                    if known is not None:
+                        record = store.file(known)
+                        if record is not None:
+                            record.stat_cache_hit = True
+                            return st.st_size, record
+                    record = store.ingest(f"/proc/self/fd/{fd}")
+                    store.stat_store(host, st, record.hash)
+                    return st.st_size, record
+            except (OSError, SandboxError):
+                return None  # gone or swapped for a link meanwhile: not part of the state
+
+        paths = sorted(work.scan())
+        found = dict(zip(paths, _POOL.map(one, paths), strict=True))
+        return {p: v for p, v in found.items() if v is not None}
+
+    # -- restore: from the store, into the sandbox ---------------------------------------
+
+    async def _restore_from(self, cp: dict[str, Any], reset: bool, files: bool) -> ResumeReport:
+        manifest = cp["manifest"]
+        report = ResumeReport(checkpoint=cp["id"])
+        host, inside, snap = self._snapshot_dir()
+        try:
+            await asyncio.to_thread(self._export_snapshot, cp, snap)
+            if files and manifest.get("files"):
+                report.files = await asyncio.to_thread(self._place_files, manifest["files"], cp)
+            wanted = {var: {"files": [f for f, _, _ in v["files"]]}
+                      for var, v in manifest["variables"].items()}
+            await self._run_internal(request_code({
+                "op": "restore", "dir": inside, "imports": manifest["imports"],
+                "variables": wanted, "execution_count": manifest["execution_count"],
+                "reset": reset}))
+            loaded = self._read_report(snap)
+            report.restored, report.imports = loaded["restored"], loaded["imports"]
+            missing = {**manifest["skipped"], **loaded["failed"]}
+            clobbered = await self._replay_missing(cp, missing, report)
+            if clobbered:  # replayed cells overwrote restored variables: load them again
+                again = {v: wanted[v] for v in clobbered if v in wanted}
+                await self._run_internal(request_code({"op": "load", "dir": inside,
+                                                       "variables": again}))
+        finally:
+            shutil.rmtree(host, ignore_errors=True)
+        self.manager.registry.renew(self.id)
+        return report
+
+    async def _replay_missing(self, cp: dict[str, Any], missing: dict[str, str],
+                              report: ResumeReport) -> set[str]:
+        """Replay what rebuilds ``missing``; name what stays lost. The names replay overwrote."""
+        history = [e for e in self.manager.registry.executions(cp["session_id"])
+                   if cp["execution_id"] is not None and e["id"] <= cp["execution_id"]]
+        available = set(report.restored) | set(report.imports)
+        plan = plan_replay(history, missing, available)
+        failures = []
+        for cell in plan.cells:
+            result = await self._run_internal(cell["code"], check=False)
+            if not result.ok:
+                failures.append(f"cell [{cell['execution_count']}] failed again: "
+                                f"{result.error['ename']}: {result.error['evalue']}")
+        names = list(missing)
+        present: list[str] = []
+        if names:
+            probe = await self._run_internal(
+                "", expressions={"present": f"[n for n in {names!r} "
+                                            "if n in get_ipython().user_ns]"})
+            value = probe.expressions.get("present", {})
+            if value.get("status") == "ok":
+                present = ast.literal_eval(value["data"]["text/plain"])
+        for name in names:
+            if name in present and name in plan.rebuilds:
+                report.replayed[name] = plan.rebuilds[name]
+            else:
+                why = missing[name]
+                if name in plan.unknown:
+                    why += f"; {plan.unknown[name]}"
+                elif failures:
+                    why += "; replay did not rebuild it (" + "; ".join(failures) + ")"
+                report.lost[name] = why
+        return plan.clobbered
+
+    def _export_snapshot(self, cp: dict[str, Any], snap: str) -> None:
+        """The checkpoint's blobs, verified, into the snapshot directory (never through a link)."""
+        kernel = WorkDir(Path(self._row["session_dir"]) / "kernel")
+        staging = Path(self._row["session_dir"]) / "staging" / snap
+        staging.mkdir(parents=True, exist_ok=True)
+        store = self.manager.store
+        items = [(f, h) for v in cp["manifest"]["variables"].values() for f, h, _ in v["files"]]
+
+        def one(item: tuple[str, str]) -> None:
+            name, digest = item
+            staged = staging / name
+            store.export(digest, staged, fsync=False)
+            kernel.place(staged, (snap, name))
+
+        try:
+            list(_POOL.map(one, items))
+        except SandboxError as exc:
+            raise SnapshotDamaged(self._damaged(cp, exc)) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _damaged(self, cp: dict[str, Any], exc: Exception) -> str:
+        earlier = [c["id"] for c in self.manager.registry.checkpoints(cp["session_id"])
+                   if c["id"] < cp["id"]]
+        offer = (f"resume from the previous checkpoint with resume(checkpoint={earlier[-1]}) "
+                 f"(or restore({earlier[-1]}))" if earlier else
+                 "there is no earlier checkpoint; close the session or restore its files by "
+                 "replay(into=...)")
+        return (f"session {self.name!r}: checkpoint {cp['id']} cannot be loaded: {exc}. "
+                f"The session stays paused; {offer}")
+
+    def _place_files(self, files: dict[str, dict[str, Any]],
+                     cp: dict[str, Any] | None = None) -> int:
+        """Put stored files into the work directory (skipping those already there); how many."""
+        work = WorkDir(Path(self._row["session_dir"]) / "work")
+        staging = Path(self._row["session_dir"]) / "staging" / f"files-{secrets.token_hex(4)}"
+        staging.mkdir(parents=True, exist_ok=True)
+        store = self.manager.store
+        placed = 0
+        try:
+            for path, entry in files.items():
+                parts = relative_parts(path)
+                st = work.lstat(parts)
+                if st is not None and st.st_size == entry["size"]:
+                    with contextlib.suppress(OSError, SandboxError), \
+                            work.open_file(parts) as (fd, fst):
+                        if store.stat_lookup(f"{work.root}/{path}", fst) == entry["hash"]:
+                            continue  # already the checkpoint's content
+                staged = staging / secrets.token_hex(8)
+                try:
+                    store.export(entry["hash"], staged)
+                except SandboxError as exc:
+                    why = self._damaged(cp, exc) if cp else f"a stored file is damaged: {exc}"
+                    raise SnapshotDamaged(why) from None
+                work.place(staged, parts)
+                placed += 1
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return placed
+
+    # -- history and replay ------------------------------------------------------
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded run: execution count, code, status, start time and timing."""
+        return self.manager.registry.executions(self.id)
+
+    async def fork(self, checkpoint: int | str | Checkpoint | None = None,
+                   name: str | None = None) -> AsyncSession:
+        """A new session from a checkpoint of this one (a new checkpoint by default).
+
+        The fork gets the same language, packages, limits, environment and
+        tags, the checkpoint's variables and files, and a link to its parent
+        (``info()["parent"]``). From then on the two do not affect each other.
+        """
+        if checkpoint is None:
+            cp = self._checkpoint_row((await self.checkpoint()).id)
+        else:
+            cp = self._checkpoint_row(checkpoint)
+        row = self.manager._refresh(self.id)
+        child = await self.manager._async_create(
+            name=name, language=row["language"], timeout=row["timeout"], tags=row["tags"],
+            env=row["env"], limits=row["limits"],
+            packages=row["packages"].get("requested") or None, on_timeout=row["on_timeout"],
+            parent_id=self.id)
+        try:
+            child.last_resume = await child.restore(cp["id"])
+        except BaseException:
+            await self.manager._async_close(child.id)
+            raise
+        return child
+
+    async def replay(self, into: str | AsyncSession | None = None,
+                     until: int | None = None) -> AsyncSession:
+        """Run this session's recorded cells again, in order, in a new session (or ``into``).
+
+        Files uploaded into this session are placed in the target first, so
+        cells that read them find them. ``until`` stops after that execution
+        count. Stops at the first cell that fails, saying which.
+        """
+        cells = [e for e in self.history() if e["status"] == "ok"
+                 and (until is None or (e["execution_count"] or 0) <= until)]
+        if into is None:
+            row = self.manager._refresh(self.id)
+            target = await self.manager._async_create(
+                language=row["language"], env=row["env"], limits=row["limits"],
+                packages=row["packages"].get("requested") or None, tags=row["tags"],
+                parent_id=self.id)
+        elif isinstance(into, str):
+            target = await self.manager._async_get(into)
+        else:
+            target = into
+        uploaded = self.manager.registry.session_files(self.id)
+        if uploaded:
+            await asyncio.to_thread(target._place_files, uploaded)
+        for cell in cells:
+            result = await target.run(cell["code"])
+            if not result.ok:
+                raise SandboxError(
+                    f"replay into {target.name!r} stopped at cell [{cell['execution_count']}]: "
+                    f"{result.error['ename']}: {result.error['evalue']}")
+        return target
