@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_core import bench_create, bench_kernel_cell, bench_run  # noqa: E402
 from bench_files import bench_files  # noqa: E402
+from bench_lifecycle import bench_lifecycle, bench_pool  # noqa: E402
 from bench_packages import bench_packages  # noqa: E402
 from common import print_table, save  # noqa: E402
 
@@ -36,11 +37,14 @@ def main() -> None:
         rows += bench_run(manager, rounds=100 if args.quick else 600)
         rows += bench_kernel_cell(rounds=100 if args.quick else 600)
         rows += bench_files(manager, size=256 * 1024**2 if args.quick else 1024**3)
+        rows += bench_lifecycle(manager, nbytes=256 * 1024**2 if args.quick else 1024**3)
+        rows += bench_pool(home / "pool", rounds=3 if args.quick else 11)
         if not args.no_network:
             rows += bench_packages(manager)
     finally:
-        for s in manager.list(status=["starting", "running", "dead"]):
-            manager.close(s.id)
+        for row in manager.registry.sessions(
+                status=["starting", "running", "frozen", "paused", "dead"]):
+            manager.close(row["id"])
         shutil.rmtree(home, ignore_errors=True)
     print_table(rows)
     save(rows, Path(__file__).resolve().parent / "results" / "latest.json")

@@ -120,6 +120,19 @@ def test_restart_reattaches_with_variables_intact(kernel):
     assert reply["execution_count"] == 2
 
 
+def test_a_session_paused_by_another_client_resumes_at_the_next_cell(kernel, kernel_home):
+    km, kc = kernel("work/paused.ipynb")
+    execute(kc, "import numpy as np\ndata = np.arange(10)\nrows = (r for r in range(3))")
+    manager = SessionManager(home=str(kernel_home))
+    mine = [s for s in manager.list(status="running") if s.name.startswith("paused-")]
+    assert manager.get(mine[0].id).pause()["status"] == "paused"
+    assert manager.get_info(mine[0].id)["status"] == "paused"
+    reply, msgs = execute(kc, "print(int(data.sum()), next(rows))")
+    assert reply["status"] == "ok", reply
+    assert texts(msgs) == "45 0\n"
+    assert manager.get_info(mine[0].id)["status"] == "running"
+
+
 def test_a_second_kernel_for_the_same_notebook_shares_the_session(kernel):
     _, first = kernel("work/shared.ipynb")
     execute(first, "shared_value = 'from the first kernel'")

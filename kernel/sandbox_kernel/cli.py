@@ -80,11 +80,14 @@ class ListCommand(_Command):
         if not infos:
             print("no sessions; create one with `sandbox-kernel create NAME`")
             return
-        rows = [("NAME", "ID", "STATUS", "LANGUAGE", "ISOLATION", "AGE", "IDLE", "RUNS")]
+        rows = [("NAME", "ID", "STATUS", "LANGUAGE", "ISOLATION", "AGE", "IDLE", "LEASE",
+                 "RUNS")]
         now = time.time()
         for i in infos:
+            lease = (_ago(i["expires_at"] - now) if i["status"] in ("running", "frozen",
+                                                                     "starting") else "-")
             rows.append((i["name"], i["id"], i["status"], i["language"], i["isolation"],
-                         _ago(now - i["created"]), _ago(now - i["last_activity"]),
+                         _ago(now - i["created"]), _ago(now - i["last_activity"]), lease,
                          str(i["execution_count"])))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
@@ -108,7 +111,7 @@ class InfoCommand(_Command):
                 v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
             elif isinstance(v, list):
                 v = ", ".join(map(str, v)) or "-"
-            elif k in ("created", "last_activity") and v:
+            elif k in ("created", "last_activity", "expires_at") and v:
                 v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
             print(f"{k + ':':16}{v}")
 
@@ -116,16 +119,26 @@ class InfoCommand(_Command):
 class CreateCommand(_Command):
     description = "Create a session and wait until its kernel answers."
     usage = "create"
-    language = Unicode("python", help="The kernel (a kernelspec name).").tag(config=True)
+    language = Unicode(None, allow_none=True, help="The kernel (a kernelspec name).").tag(
+        config=True)
     tags = List(Unicode(), help="Tags for the session.").tag(config=True)
-    aliases = {"language": "CreateCommand.language", "tag": "CreateCommand.tags"}
+    template = Unicode(None, allow_none=True, help="Start from this saved template.").tag(
+        config=True)
+    timeout = Float(None, allow_none=True, help="The lease, in seconds.").tag(config=True)
+    on_timeout = Unicode(None, allow_none=True, help="On expiry: pause or close.").tag(
+        config=True)
+    aliases = {"language": "CreateCommand.language", "tag": "CreateCommand.tags",
+               "template": "CreateCommand.template", "timeout": "CreateCommand.timeout",
+               "on-timeout": "CreateCommand.on_timeout"}
 
     def run(self) -> None:
         name = self.extra_args[0] if self.extra_args else None
         if len(self.extra_args) > 1:
-            self.fail("usage: sandbox-kernel create [NAME] [--language L] [--tag T]")
+            self.fail("usage: sandbox-kernel create [NAME] [--language L] [--tag T] "
+                      "[--template T] [--timeout S] [--on-timeout pause|close]")
         session = self.manager().create(name=name, language=self.language,
-                                        tags=self.tags or None)
+                                        tags=self.tags or None, template=self.template,
+                                        timeout=self.timeout, on_timeout=self.on_timeout)
         info = session.info()
         print(json.dumps(info, indent=2) if self.json else
               f"created {info['name']} ({info['id']}, isolation: {info['isolation']})")
@@ -177,6 +190,153 @@ class CloseCommand(_Command):
         (key,) = self.positional(1, "NAME")
         self.manager().close(key)
         print(f"closed {key}")
+
+
+class PauseCommand(_Command):
+    description = ("Pause a session: its variables go to the store and the sandbox exits "
+                   "(--freeze: stop it in place, memory kept).")
+    usage = "pause"
+    freeze = Bool(False, help="Freeze (SIGSTOP) instead of saving a snapshot.").tag(config=True)
+    flags = {**_Command.flags,
+             "freeze": ({"PauseCommand": {"freeze": True}}, "Freeze instead of a snapshot.")}
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME [--freeze]")
+        out = self.manager().get(key).pause("freeze" if self.freeze else "snapshot")
+        if self.json:
+            print(json.dumps(out, indent=1))
+            return
+        if out.get("already"):
+            print(f"{key} is already {out['status']}")
+            return
+        line = f"{out['status']} {key} in {out['timing']['total']:.2f} s"
+        if out["status"] == "paused":
+            line += f" (checkpoint {out['checkpoint']}, {out['size']} bytes of variables)"
+        print(line)
+        for name, why in out.get("skipped", {}).items():
+            print(f"not saved: {name}: {why} (a resume replays the cells that made it)")
+
+
+class ResumeCommand(_Command):
+    description = "Resume a paused or frozen session (runs resume it on their own, too)."
+    usage = "resume"
+    checkpoint = Int(None, allow_none=True, help="Resume from this checkpoint instead.").tag(
+        config=True)
+    aliases = {"checkpoint": "ResumeCommand.checkpoint"}
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME [--checkpoint ID]")
+        report = self.manager().get(key).resume(self.checkpoint)
+        if self.json:
+            print(json.dumps(report.__dict__, indent=1))
+            return
+        print(report)
+
+
+class CheckpointCommand(_Command):
+    description = ("Save a checkpoint of a session (variables, imports, files), or list them "
+                   "with --list.")
+    usage = "checkpoint"
+    label = Unicode(None, allow_none=True, help="A name for the checkpoint.").tag(config=True)
+    list_them = Bool(False, help="List the checkpoints instead.").tag(config=True)
+    aliases = {"name": "CheckpointCommand.label"}
+    flags = {**_Command.flags,
+             "list": ({"CheckpointCommand": {"list_them": True}}, "List the checkpoints.")}
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME [--name LABEL] [--list]")
+        session = self.manager().get(key)
+        checkpoints = session.checkpoints() if self.list_them else [
+            session.checkpoint(self.label)]
+        if self.json:
+            print(json.dumps([c.__dict__ for c in checkpoints], indent=1))
+            return
+        for c in checkpoints:
+            when = time.strftime("%H:%M:%S", time.localtime(c.created))
+            print(f"{c.id:5}  {c.kind:10}  {c.name or '-':16}  {when}  "
+                  f"{len(c.variables)} names, {c.size} bytes, "
+                  f"{'-' if c.files is None else c.files} files, "
+                  f"{c.stats.get('chunks_new', 0)} new chunks")
+
+
+class RestoreCommand(_Command):
+    description = "Restore a session to a checkpoint: sandbox-kernel restore NAME CHECKPOINT."
+    usage = "restore"
+
+    def run(self) -> None:
+        key, checkpoint = self.positional(2, "NAME CHECKPOINT")
+        print(self.manager().get(key).restore(int(checkpoint) if checkpoint.isdigit()
+                                              else checkpoint))
+
+
+class ForkCommand(_Command):
+    description = ("Fork a session into a new one: sandbox-kernel fork NAME [NEW] "
+                   "[--checkpoint ID].")
+    usage = "fork"
+    checkpoint = Unicode(None, allow_none=True, help="Fork from this checkpoint (id or name)."
+                         ).tag(config=True)
+    aliases = {"checkpoint": "ForkCommand.checkpoint"}
+
+    def run(self) -> None:
+        if len(self.extra_args) not in (1, 2):
+            self.fail("usage: sandbox-kernel fork NAME [NEW] [--checkpoint ID]")
+        key, new = self.extra_args[0], (self.extra_args[1:] or [None])[0]
+        cp: Any = self.checkpoint
+        if isinstance(cp, str) and cp.isdigit():
+            cp = int(cp)
+        child = self.manager().get(key).fork(cp, new)
+        print(f"forked {key} into {child.name} ({child.id})")
+
+
+class HistoryCommand(_Command):
+    description = "Show a session's recorded runs."
+    usage = "history"
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME")
+        history = self.manager().get_history(key)
+        if self.json:
+            print(json.dumps(history, indent=1))
+            return
+        for h in history:
+            first = h["code"].strip().splitlines()[0] if h["code"].strip() else ""
+            print(f"[{h['execution_count'] or ' '}] {h['status']:7} "
+                  f"{h['timing'].get('total', 0) * 1000:8.1f} ms  {first[:70]}")
+
+
+class ReplayCommand(_Command):
+    description = ("Run a session's recorded cells again in a new session (or --into another): "
+                   "sandbox-kernel replay NAME [--until N] [--into OTHER].")
+    usage = "replay"
+    until = Int(None, allow_none=True, help="Stop after this execution count.").tag(config=True)
+    into = Unicode(None, allow_none=True, help="Replay into this existing session.").tag(
+        config=True)
+    aliases = {"until": "ReplayCommand.until", "into": "ReplayCommand.into"}
+
+    def run(self) -> None:
+        (key,) = self.positional(1, "NAME [--until N] [--into OTHER]")
+        target = self.manager().get(key).replay(self.into, self.until)
+        print(f"replayed {key} into {target.name} ({target.id})")
+
+
+class TimeoutCommand(_Command):
+    description = ("Set a session's lease: sandbox-kernel timeout NAME SECONDS "
+                   "[--on-timeout pause|close].")
+    usage = "timeout"
+    on_timeout = Unicode(None, allow_none=True, help="On expiry: pause or close.").tag(
+        config=True)
+    aliases = {"on-timeout": "TimeoutCommand.on_timeout"}
+
+    def run(self) -> None:
+        key, seconds = self.positional(2, "NAME SECONDS")
+        try:
+            value = float(seconds)
+        except ValueError:
+            self.fail(f"SECONDS must be a number, got {seconds!r}")
+        info = self.manager().get(key).set_timeout(value, self.on_timeout)
+        print(f"{key}: lease {info['timeout']:g} s, expires "
+              f"{time.strftime('%H:%M:%S', time.localtime(info['expires_at']))}, "
+              f"then {info['on_timeout']}")
 
 
 class InstallCommand(_Command):
@@ -331,6 +491,14 @@ class SandboxKernelApp(_Command):
         "create": (CreateCommand, CreateCommand.description),
         "run": (RunCommand, RunCommand.description),
         "close": (CloseCommand, CloseCommand.description),
+        "pause": (PauseCommand, PauseCommand.description),
+        "resume": (ResumeCommand, ResumeCommand.description),
+        "checkpoint": (CheckpointCommand, CheckpointCommand.description),
+        "restore": (RestoreCommand, RestoreCommand.description),
+        "fork": (ForkCommand, ForkCommand.description),
+        "history": (HistoryCommand, HistoryCommand.description),
+        "replay": (ReplayCommand, ReplayCommand.description),
+        "timeout": (TimeoutCommand, TimeoutCommand.description),
         "install": (InstallCommand, InstallCommand.description),
         "gc": (GcCommand, GcCommand.description),
         "upload": (UploadCommand, UploadCommand.description),

@@ -669,6 +669,13 @@ class SessionManager(LoggingConfigurable):
         """Stop the session's sandbox and delete its files."""
         portal.call(self._async_close(key))
 
+    def get_history(self, key: str) -> list[dict[str, Any]]:
+        """A session's recorded runs by id or name, closed sessions included."""
+        row = self.registry.find(key)
+        if row is None:
+            raise SessionNotFound(key)
+        return self.registry.executions(row["id"])
+
     def get_info(self, key: str) -> dict[str, Any]:
         """A session's info by id or name, closed sessions included."""
         row = self.registry.find(key)

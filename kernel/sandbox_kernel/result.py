@@ -29,6 +29,13 @@ class ExecutionResult:
         return self.status == "ok"
 
     @property
+    def insights(self) -> list[str]:
+        """The run's bottleneck, if one stage dominated, and what to do about it."""
+        from .timing import run_insights
+
+        return run_insights(self.timing)
+
+    @property
     def stdout(self) -> str:
         return self._stream("stdout")
 

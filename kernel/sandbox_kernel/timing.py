@@ -55,3 +55,23 @@ def install_insights(result: Any) -> list[str]:
         out.append("packages already imported changed version: restart the session's kernel "
                    "(or start a fresh session) to use the new versions")
     return out
+
+
+def run_insights(timing: dict[str, float]) -> list[str]:
+    """What a run's stages say: the bottleneck, with the figure it is based on."""
+    total = timing.get("total", 0.0)
+    out = []
+    resume = timing.get("resume", 0.0)
+    if resume > 0.5 * total and resume > 0.3:
+        out.append(
+            f"resuming the paused session took {_ms(resume)} of {_ms(total)}: pause with "
+            "mode='freeze' to resume instantly (memory is kept), or give the session a longer "
+            "lease with set_timeout() so it is not paused between runs"
+        )
+    start = timing.get("start", 0.0)
+    if start > 0.5 * total and start > 0.3:
+        out.append(
+            f"starting the sandbox took {_ms(start)} of {_ms(total)}: a warm pool "
+            "(SessionManager.pool_size = {'python': 1}) hands out started sandboxes"
+        )
+    return out
