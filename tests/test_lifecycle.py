@@ -315,3 +315,19 @@ def test_warm_pool_and_max_sessions(home):
             m.create(name="third")
         m.get("second").pause()  # paused sessions do not count
         assert m.create(name="third").run("print(1)").ok
+
+
+def test_automatic_checkpoints_after_each_cell(home):
+    with make_manager(home, isolation="bwrap", auto_checkpoint=True) as m:
+        s = m.create(name="auto")
+        s.run("a = 1")
+        s.run("a = 2")
+        s.run("1 / 0")  # a failed cell changes nothing worth a checkpoint
+        deadline = time.time() + 30
+        while len(s.checkpoints()) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        checkpoints = s.checkpoints()
+        assert len(checkpoints) == 2 and all(c.kind == "checkpoint" for c in checkpoints)
+        s.restore(checkpoints[0].id)
+        assert s.run("print(a)").stdout.strip() == "1"

@@ -378,7 +378,7 @@ class LifecycleMixin:
             records = await asyncio.to_thread(self._ingest_snapshot, snap, names)
             variables = {
                 var: {"files": [[f, records[f].hash, records[f].size] for f in v["files"]],
-                      "type": v["type"], "size": v["size"]}
+                      "type": v["type"], "size": v["size"], "pickler": v["pickler"]}
                 for var, v in report["variables"].items()
             }
             work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
@@ -396,7 +396,7 @@ class LifecycleMixin:
         }
         manifest = {
             "variables": variables, "imports": report["imports"], "skipped": report["skipped"],
-            "execution_count": report["execution_count"], "pickler": report.get("pickler"),
+            "execution_count": report["execution_count"],
             "files": None if work_files is None else {
                 p: {"hash": r.hash, "size": r.size} for p, (_, r) in work_files.items()},
             "stats": stats,

@@ -345,9 +345,11 @@ class SessionManager(LoggingConfigurable):
                 install = await asyncio.to_thread(self.installer.install, self.python, requested)
                 self.registry.update(session_id, packages={"requested": install.all_requested,
                                                            "layers": install.layers})
-            self._write_plan(session_id, layout, launcher, command, env, limits,
-                             install.layers if install else [])
-            self._start_supervisor(session_id, layout)
+            # Off the event loop: spawning the supervisor blocks for tens of milliseconds,
+            # and the loop may be relaying other sessions' cells (the kernel, a pool refill).
+            await asyncio.to_thread(self._write_plan, session_id, layout, launcher, command,
+                                    env, limits, install.layers if install else [])
+            await asyncio.to_thread(self._start_supervisor, session_id, layout)
         except BaseException as exc:
             self.registry.transition(session_id, "dead", allowed_from=LIVE_STATUSES,
                                      reason=f"could not be started: {exc}")
@@ -439,6 +441,7 @@ class SessionManager(LoggingConfigurable):
 
     async def _start_pooled(self, language: str) -> None:
         try:
+            await asyncio.sleep(0.05)  # let the create that took a warm sandbox return first
             await self._async_create(name=f"pool-{secrets.token_hex(4)}", language=language,
                                      timeout=self.pool_timeout, on_timeout="close",
                                      wait=True, _pooled=True)

@@ -108,6 +108,7 @@ class AsyncSession(LifecycleMixin):
         self._inflight = 0
         self._keep_alive = False
         self._lease_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} id={self.id}>"
@@ -403,6 +404,18 @@ class AsyncSession(LifecycleMixin):
         )
         if self._recorder is not None:
             self._recorder.after_run(execution_id, result.outputs)
+        if self.manager.auto_checkpoint and status == "ok":
+            task = asyncio.get_running_loop().create_task(self._auto_checkpoint())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _auto_checkpoint(self) -> None:
+        """After a cell, in the background: taken when no cell runs (it waits for quiet)."""
+        try:
+            await self.checkpoint()
+        except SandboxError as exc:
+            self.manager.log.warning("session %s: automatic checkpoint failed: %s",
+                                     self.name, exc)
 
     def artifacts(self, tag: str | None = None, path: str | None = None,
                   since: float | None = None) -> list[Artifact]:

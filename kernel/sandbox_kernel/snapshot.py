@@ -40,13 +40,30 @@ def _alarm(signum: int, frame: Any) -> None:
     raise _TooSlow()
 
 
-def _pickler() -> tuple[str, Any]:
+def _cloudpickle() -> Any:
     try:
         import cloudpickle
 
-        return "cloudpickle", cloudpickle
+        return cloudpickle
     except ImportError:
-        return "pickle", pickle
+        return None
+
+
+def _dumps(value: Any, buffers: list[pickle.PickleBuffer], by_value: Any) -> tuple[str, bytes]:
+    """Plain pickle first: it runs at C speed, where cloudpickle calls back into Python for
+    every object. Its stream names ``__main__`` only when the value holds something defined
+    in the notebook, which a new interpreter would not find; then cloudpickle pickles those
+    by value. (A string "__main__" in the data just takes the slower, equally correct path.)
+    """
+    try:
+        data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        if b"__main__" not in data or by_value is None:
+            return "pickle", data
+    except (pickle.PicklingError, TypeError, AttributeError):
+        if by_value is None:
+            raise
+    buffers.clear()
+    return "cloudpickle", by_value.dumps(value, protocol=5, buffer_callback=buffers.append)
 
 
 def _write(path: str, data: Any) -> None:
@@ -70,9 +87,9 @@ def _user_variables(shell: Any) -> dict[str, Any]:
 
 
 def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, Any]:
-    how, pickler = _pickler()
+    by_value = _cloudpickle()
     report: dict[str, Any] = {"variables": {}, "imports": {}, "skipped": {},
-                              "execution_count": shell.execution_count, "pickler": how}
+                              "execution_count": shell.execution_count}
     use_alarm = per_variable_timeout > 0 and hasattr(signal, "setitimer")
     previous = signal.signal(signal.SIGALRM, _alarm) if use_alarm else None
     try:
@@ -86,7 +103,7 @@ def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, 
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, per_variable_timeout)
                 try:
-                    data = pickler.dumps(value, protocol=5, buffer_callback=buffers.append)
+                    how, data = _dumps(value, buffers, by_value)
                 finally:
                     if use_alarm:
                         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -106,7 +123,7 @@ def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, 
                 _write(os.path.join(out_dir, file), raw)
             report["variables"][name] = {
                 "files": files, "type": f"{type(value).__module__}.{type(value).__qualname__}",
-                "size": len(data) + sum(r.nbytes for r in raws),
+                "size": len(data) + sum(r.nbytes for r in raws), "pickler": how,
                 "seconds": round(time.perf_counter() - began, 6),
             }
     finally:
