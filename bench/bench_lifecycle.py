@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from bench_core import _start_new_kernel
+from bench_kishu import bench_kishu
 from common import Row, median
 
 from sandbox_kernel import SessionManager
@@ -62,7 +63,7 @@ def _dill(nbytes: int) -> dict[str, float]:
     return result
 
 
-def bench_lifecycle(manager: SessionManager, nbytes: int) -> list[Row]:
+def bench_lifecycle(manager: SessionManager, nbytes: int, kishu: bool = True) -> list[Row]:
     gib = nbytes / 1024**3
     s = manager.create(name="bench-lifecycle", limits={"memory": "8GiB"})
     assert s.run(STATE.format(n=nbytes)).ok
@@ -93,6 +94,14 @@ def bench_lifecycle(manager: SessionManager, nbytes: int) -> list[Row]:
             "all chunks of the state (a copy without dedup)", "chunks",
             "0 for the unchanged arrays"),
     ]
+    if kishu:
+        k = bench_kishu(nbytes)
+        rows[1:1] = [Row("pause (a checkpoint of the whole state)", pause, k["commit"],
+                         "kishu commit after the cell", "s", "-")]
+        rows[3:3] = [Row("resume", resume, k["checkout"], "kishu checkout (in the kernel)",
+                         "s", "-")]
+        rows.insert(5, Row("checkpoint after a small change", checkpoint,
+                           k["commit_after_small_change"], "kishu's cell + commit", "s", "-"))
     print(f"pause stats: {paused['timing']}; checkpoint stats: {second.stats}", file=sys.stderr)
     return rows
 

@@ -37,7 +37,8 @@ def main() -> None:
         rows += bench_run(manager, rounds=100 if args.quick else 600)
         rows += bench_kernel_cell(rounds=100 if args.quick else 600)
         rows += bench_files(manager, size=256 * 1024**2 if args.quick else 1024**3)
-        rows += bench_lifecycle(manager, nbytes=256 * 1024**2 if args.quick else 1024**3)
+        rows += bench_lifecycle(manager, nbytes=256 * 1024**2 if args.quick else 1024**3,
+                                kishu=not args.no_network)
         rows += bench_pool(home / "pool", rounds=3 if args.quick else 11)
         if not args.no_network:
             rows += bench_packages(manager)
