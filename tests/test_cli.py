@@ -71,3 +71,34 @@ def test_errors_are_one_line(cli, args, message):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("sandbox-kernel: error: ")
     assert message in lines[0]
+
+
+def test_lifecycle_commands(cli):
+    assert cli("create", "life", "--timeout", "900").returncode == 0
+    assert cli("run", "life", "import numpy as np; a = np.arange(5); g = iter(range(3))"
+               ).returncode == 0
+    cp = cli("checkpoint", "life", "--name", "start")
+    assert cp.returncode == 0 and "start" in cp.stdout, cp.stderr
+    paused = cli("pause", "life")
+    assert paused.returncode == 0 and paused.stdout.startswith("paused life"), paused.stderr
+    assert "not saved: g" in paused.stdout
+    assert "paused" in cli("list").stdout
+    resumed = cli("resume", "life")
+    assert "rebuilt g by replaying cells [1]" in resumed.stdout, resumed.stdout
+    assert cli("run", "life", "print(a.sum(), next(g))").stdout == "10 0\n"
+    listed = cli("checkpoint", "life", "--list").stdout.splitlines()
+    assert [line.split()[1] for line in listed] == ["checkpoint", "pause"]
+    assert cli("run", "life", "a = 0").returncode == 0
+    assert "restored" in cli("restore", "life", "start").stdout
+    assert cli("run", "life", "print(a.sum())").stdout == "10\n"
+    history = cli("history", "life").stdout
+    assert "[1] ok" in history and "a = 0" in history
+    forked = cli("fork", "life", "life2")
+    assert forked.returncode == 0 and "into life2" in forked.stdout
+    assert cli("run", "life2", "print(a.sum())").stdout == "10\n"
+    timeout = cli("timeout", "life", "60", "--on-timeout", "close")
+    assert "lease 60 s" in timeout.stdout and "then close" in timeout.stdout
+    frozen = cli("pause", "life", "--freeze")
+    assert frozen.stdout.startswith("frozen life")
+    bad = cli("restore", "life", "nope")
+    assert bad.returncode == 1 and "no checkpoint 'nope'" in bad.stderr

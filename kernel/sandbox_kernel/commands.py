@@ -1,21 +1,35 @@
 """The ``%session`` commands, shared by the sandbox kernel and the IPython extension.
 
-A command takes the text after ``%session`` and returns :class:`CommandOutput`
-(plain text, optionally HTML) so that each surface decides how to show it.
-Errors are :class:`CommandError`, shown as one line.
+Each subcommand is a coroutine over a :class:`CommandContext` (which session
+is current, the manager, the last run's timing) and returns a
+:class:`CommandOutput`: plain text, optional HTML, and structured ``data``
+with a ``view`` name, so that each surface shows it its own way (the
+extension as an ipywidget, the kernel and terminals as HTML or text).
+Arguments are parsed with IPython's ``magic_arguments``, so ``%session?`` and
+``%session help COMMAND`` print the same usage the parser enforces. Misuse
+raises :class:`CommandError`, shown as one line.
 """
 
 from __future__ import annotations
 
-import argparse
+import html
 import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .errors import SandboxError
 from .limits import format_size
+from .timing import run_insights
+
+if TYPE_CHECKING:
+    from .manager import SessionManager
+    from .session import AsyncSession
 
 
 class CommandError(SandboxError):
@@ -26,35 +40,37 @@ class CommandError(SandboxError):
 class CommandOutput:
     text: str
     html: str | None = None
+    #: Structured figures; ``data["view"]`` names the widget that can show them.
     data: dict[str, Any] = field(default_factory=dict)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise CommandError(f"%session {self.prog}: {message}; see `%session help {self.prog}`")
+class CommandContext(Protocol):
+    """What a surface (the kernel, the magics) gives the commands."""
+
+    manager: SessionManager
+    last_timing: dict[str, float] | None
+
+    async def current(self) -> AsyncSession:
+        """The session commands act on by default; CommandError if there is none."""
+
+    async def use(self, session: AsyncSession) -> None:
+        """Make ``session`` the current one."""
+
+    def watch_transfer(self, batch: Any) -> Callable[[], None] | None:
+        """Show a transfer's progress while it runs; returns a function that ends the display."""
+
+    def default_name(self) -> str | None:
+        """The name `%session new` gives when none is asked for (None: generated)."""
 
 
-def _parsers() -> dict[str, argparse.ArgumentParser]:
-    parsers: dict[str, argparse.ArgumentParser] = {}
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        p = _Parser(prog=name, description=help, add_help=False)
-        parsers[name] = p
-        return p
-
-    add("info", "Show this notebook's session: id, status, isolation, limits, work directory.")
-    add("timing", "Show where the last cell's time went, stage by stage.")
-    install = add("install", "Install packages into the session (uv, outside the sandbox; "
-                  "cached and shared by every session that needs the same set).")
-    install.add_argument("packages", nargs="+", metavar="PKG", help="requirement strings")
-    new = add("new", "Start a fresh session for this notebook; the old one is left to its lease.")
-    new.add_argument("name", nargs="?", help="a name for the new session")
-    help_ = add("help", "Show the commands, or one command's usage.")
-    help_.add_argument("command", nargs="?")
-    return parsers
+Command = Callable[[CommandContext, Any], Awaitable[CommandOutput]]
+COMMANDS: dict[str, Command] = {}
 
 
-PARSERS = _parsers()
+def command(func: Callable[..., Awaitable[CommandOutput]]) -> Command:
+    """Register a subcommand under its parser's name (``session NAME``)."""
+    COMMANDS[func.parser.prog.split()[-1]] = func  # type: ignore[attr-defined]
+    return func
 
 
 def is_command(line: str) -> bool:
@@ -79,76 +95,372 @@ def split_cell(code: str) -> list[tuple[str, str]]:
     return parts
 
 
-class SessionCommands:
-    """Runs commands against whatever supplies the current session and its last timing."""
+async def run_command(ctx: CommandContext, line: str) -> CommandOutput:
+    """Parse ``line`` (the text after %session) and run it."""
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise CommandError(f"%session: cannot parse {line!r}: {exc}") from None
+    if not words:
+        return usage(None)
+    name = words[0]
+    func = COMMANDS.get(name)
+    if func is None:
+        raise CommandError(f"%session: unknown command {name!r}; commands: "
+                           f"{', '.join(COMMANDS)} (`%session help` explains them)")
+    try:
+        args = parse_argstring(func, line.strip()[len(name):])
+    except UsageError as exc:
+        raise CommandError(f"%session {name}: {exc}; see `%session help {name}`") from None
+    return await func(ctx, args)
 
-    def __init__(
-        self,
-        info: Callable[[], dict[str, Any]],
-        last_timing: Callable[[], dict[str, float] | None],
-        new_session: Callable[[str | None], Awaitable[dict[str, Any]]],
-        install: Callable[[list[str]], Awaitable[Any]] | None = None,
-    ):
-        self._info = info
-        self._last_timing = last_timing
-        self._new_session = new_session
-        self._install = install
 
-    async def run(self, line: str) -> CommandOutput:
-        try:
-            words = shlex.split(line)
-        except ValueError as exc:
-            raise CommandError(f"%session: cannot parse {line!r}: {exc}") from None
-        if not words:
-            return self.help(None)
-        name, rest = words[0], words[1:]
-        parser = PARSERS.get(name)
-        if parser is None:
-            raise CommandError(
-                f"%session: unknown command {name!r}; commands: {', '.join(PARSERS)}"
-            )
-        args = parser.parse_args(rest)
-        if name == "help":
-            return self.help(args.command)
-        if name == "info":
-            return render_info(self._info())
-        if name == "timing":
-            return render_timing(self._last_timing())
-        if name == "install":
-            if self._install is None:
-                raise CommandError("%session install: not available here")
-            result = await self._install(args.packages)
-            lines = [result.summary(), *(f"insight: {i}" for i in result.insights)]
-            return CommandOutput("\n".join(lines), data={"timing": result.timing,
-                                                          "layers": result.layers})
-        if name == "new":
-            info = await self._new_session(args.name)
-            return CommandOutput(
-                f"new session {info['name']} ({info['id']}) is starting; "
-                "variables of the previous session are not carried over",
-                data=info,
-            )
-        raise AssertionError(name)
+def usage(name: str | None) -> CommandOutput:
+    if name is None:
+        lines = ["%session COMMAND [ARGS]   (`%session help COMMAND` for one command)", ""]
+        lines += [f"  {n:11} {_summary(f)}" for n, f in COMMANDS.items()]
+        lines += ["", "%%session [NAME] [--timing] [--insights]   runs the cell in the session"]
+        return CommandOutput("\n".join(lines))
+    func = COMMANDS.get(name)
+    if func is None:
+        raise CommandError(f"%session help: no command {name!r}; commands: {', '.join(COMMANDS)}")
+    text = func.parser.format_help()  # type: ignore[attr-defined]
+    return CommandOutput("usage:" + text.removeprefix("::\n\n").rstrip())
 
-    def help(self, command: str | None) -> CommandOutput:
-        if command is None:
-            lines = ["%session COMMAND [ARGS]", ""]
-            lines += [f"  {n:8} {p.description}" for n, p in PARSERS.items()]
-            return CommandOutput("\n".join(lines))
-        parser = PARSERS.get(command)
-        if parser is None:
-            raise CommandError(f"%session help: no command {command!r}")
-        return CommandOutput(parser.format_help().replace("usage: ", "usage: %session ", 1))
+
+def _summary(func: Any) -> str:
+    return (func.parser.description or "").strip().splitlines()[0]
+
+
+async def _target(ctx: CommandContext, name: str | None) -> AsyncSession:
+    if name:
+        return await ctx.manager._async_get(name)
+    return await ctx.current()
+
+
+# -- sessions ------------------------------------------------------------------
+
+
+@command
+@magic_arguments("session new")
+@argument("name", nargs="?", help="a name for the session (default: generated)")
+@argument("--language", default=None, help="the kernel (default: python)")
+@argument("--template", default=None, help="start from a saved template")
+@argument("--timeout", type=float, default=None, help="the lease in seconds")
+@argument("--packages", nargs="+", default=None, metavar="PKG", help="packages to install")
+async def new(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Create a session and make it the current one."""
+    session = await ctx.manager._async_create(
+        name=args.name or ctx.default_name(), language=args.language, template=args.template,
+        timeout=args.timeout, packages=args.packages, wait=False)
+    await ctx.use(session)
+    info = session.info()
+    return CommandOutput(f"new session {info['name']} ({info['id']}) is starting and is now "
+                         "current; variables of the previous session are not carried over",
+                         data=info)
+
+
+@command
+@magic_arguments("session use")
+@argument("name", help="a session's name or id")
+async def use(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Make an existing session the current one."""
+    session = await ctx.manager._async_get(args.name)
+    await ctx.use(session)
+    return CommandOutput(f"using session {session.name} ({session.id}, {session.status})",
+                         data=session.info())
+
+
+@command
+@magic_arguments("session list")
+@argument("--status", default=None, help="only sessions with this status")
+@argument("--all", action="store_true", help="closed sessions too")
+async def list_(ctx: CommandContext, args: Any) -> CommandOutput:
+    """List the sessions: status, lease, activity, packages."""
+    status = args.status or (None if args.all else
+                             ["starting", "running", "paused", "frozen", "dead"])
+    return render_sessions([_with_usage(s) for s in await ctx.manager._async_list(status)])
+
+
+
+@command
+@magic_arguments("session info")
+@argument("name", nargs="?", help="a session (default: the current one)")
+async def info(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Show a session: id, status, lease, isolation, limits, packages, work directory."""
+    return render_info((await _target(ctx, args.name)).info())
+
+
+@command
+@magic_arguments("session close")
+@argument("name", nargs="?", help="a session (default: the current one)")
+async def close(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Close a session: stop its sandbox and delete its files."""
+    session = await _target(ctx, args.name)
+    await ctx.manager._async_close(session.id)
+    return CommandOutput(f"closed {session.name}")
+
+
+@command
+@magic_arguments("session pause")
+@argument("name", nargs="?", help="a session (default: the current one)")
+@argument("--freeze", action="store_true", help="stop it in place (memory kept)")
+async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Pause a session: variables to the store and the sandbox exits (--freeze: SIGSTOP)."""
+    session = await _target(ctx, args.name)
+    out = await session.pause("freeze" if args.freeze else "snapshot")
+    if out.get("already"):
+        return CommandOutput(f"{session.name} is already {out['status']}", data=out)
+    lines = [f"{out['status']} {session.name} in {out['timing']['total']:.2f} s"]
+    lines += [f"not saved: {n}: {why} (resume replays the cells that made it)"
+              for n, why in out.get("skipped", {}).items()]
+    return CommandOutput("\n".join(lines), data=out)
+
+
+@command
+@magic_arguments("session resume")
+@argument("name", nargs="?", help="a session (default: the current one)")
+@argument("--checkpoint", type=int, default=None, help="resume from this checkpoint")
+async def resume(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Resume a paused or frozen session (running a cell does it too)."""
+    report = await (await _target(ctx, args.name)).resume(args.checkpoint)
+    return CommandOutput(str(report), data=report.__dict__)
+
+
+@command
+@magic_arguments("session timeout")
+@argument("seconds", type=float, help="the new lease, from now")
+@argument("--on-timeout", dest="on_timeout", default=None, choices=["pause", "close"])
+@argument("--name", default=None, help="a session (default: the current one)")
+async def timeout(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Set the lease: SECONDS from now, then pause (or close)."""
+    session = await _target(ctx, args.name)
+    info = session.set_timeout(args.seconds, args.on_timeout)
+    when = time.strftime("%H:%M:%S", time.localtime(info["expires_at"]))
+    return CommandOutput(f"{session.name}: lease {info['timeout']:g} s, expires at {when}, "
+                         f"then {info['on_timeout']}", data=info)
+
+
+# -- packages and files -----------------------------------------------------------
+
+
+@command
+@magic_arguments("session install")
+@argument("packages", nargs="+", metavar="PKG", help="requirement strings")
+async def install(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Install packages (uv, outside the sandbox; cached and shared between sessions)."""
+    result = await (await ctx.current()).install(args.packages)
+    ctx.last_timing = {f"install.{k}": v for k, v in result.timing.items()}
+    lines = [result.summary(), *(f"insight: {i}" for i in result.insights)]
+    return CommandOutput("\n".join(lines), data={"timing": result.timing,
+                                                  "layers": result.layers})
+
+
+@command
+@magic_arguments("session upload")
+@argument("paths", nargs="+", metavar="PATH", help="local files or directories")
+@argument("--dest", default=None, help="destination in the work directory (one PATH)")
+async def upload(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Upload files into the work directory, with progress and dedup figures."""
+    import asyncio
+
+    session = await ctx.current()
+    if args.dest is not None and len(args.paths) != 1:
+        raise CommandError("%session upload: --dest takes exactly one PATH")
+    commit = session.upload_commit()
+    for path in args.paths:
+        commit.add(path, args.dest)
+    done = ctx.watch_transfer(commit)
+    try:
+        manifest = await asyncio.to_thread(commit.commit)
+    finally:
+        if done is not None:
+            done()
+    st = manifest["stats"]
+    return CommandOutput(
+        f"uploaded {len(manifest['files'])} file(s): {format_size(st['bytes_moved'])} placed, "
+        f"{format_size(st['bytes_stored'])} newly stored, {st['chunks_reused']} chunks reused, "
+        f"{st['files_skipped']} unchanged", data={"view": "transfer", **commit.get_progress(),
+                                                  "stats": st})
+
+
+@command
+@magic_arguments("session download")
+@argument("paths", nargs="+", metavar="PATH", help="paths in the work directory")
+@argument("--to", default=".", help="local directory (default: .)")
+async def download(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Download files from the work directory, verified against their hashes."""
+    import asyncio
+
+    session = await ctx.current()
+    Path(args.to).mkdir(parents=True, exist_ok=True)
+    group = session.download_group()
+    for path in args.paths:
+        group.add(path, args.to)
+    done = ctx.watch_transfer(group)
+    try:
+        results = await asyncio.to_thread(group.finish)
+    finally:
+        if done is not None:
+            done()
+    return CommandOutput("\n".join(f"{r['source']} -> {r['dest']} ({format_size(r['size'])}, "
+                                   "verified)" for r in results),
+                         data={"view": "transfer", **group.get_progress()})
+
+
+@command
+@magic_arguments("session artifacts")
+@argument("--tag", default=None, help="only artifacts with this tag")
+async def artifacts(ctx: CommandContext, args: Any) -> CommandOutput:
+    """List what runs produced: changed files and rich outputs."""
+    found = (await ctx.current()).artifacts(tag=args.tag)
+    if not found:
+        return CommandOutput("no artifacts yet")
+    rows = [(str(a.id), a.kind, a.mime, format_size(a.size), a.path or "-",
+             ",".join(a.tags) or "-") for a in found]
+    return _table(("ID", "KIND", "MIME", "SIZE", "PATH", "TAGS"), rows)
+
+
+# -- checkpoints and history ----------------------------------------------------------
+
+
+@command
+@magic_arguments("session checkpoint")
+@argument("--name", default=None, help="a label for the checkpoint")
+@argument("--list", action="store_true", help="list the checkpoints instead")
+async def checkpoint(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Save the variables, imports and files now (or --list the checkpoints)."""
+    session = await ctx.current()
+    items = session.checkpoints() if args.list else [await session.checkpoint(args.name)]
+    rows = [(str(c.id), c.kind, c.name or "-", time.strftime("%H:%M:%S",
+                                                              time.localtime(c.created)),
+             str(len(c.variables)), format_size(c.size), str(c.stats.get("chunks_new", 0)))
+            for c in items]
+    return _table(("ID", "KIND", "NAME", "TIME", "NAMES", "SIZE", "NEW CHUNKS"), rows)
+
+
+@command
+@magic_arguments("session restore")
+@argument("checkpoint", help="a checkpoint id or name")
+async def restore(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Go back to a checkpoint: variables and files."""
+    key: Any = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+    report = await (await ctx.current()).restore(key)
+    return CommandOutput(str(report), data=report.__dict__)
+
+
+@command
+@magic_arguments("session fork")
+@argument("name", nargs="?", help="a name for the new session")
+@argument("--checkpoint", default=None, help="fork from this checkpoint (default: now)")
+@argument("--use", action="store_true", help="make the fork the current session")
+async def fork(ctx: CommandContext, args: Any) -> CommandOutput:
+    """A new session from a checkpoint of this one; the two are independent."""
+    key: Any = args.checkpoint
+    if isinstance(key, str) and key.isdigit():
+        key = int(key)
+    child = await (await ctx.current()).fork(key, args.name)
+    if args.use:
+        await ctx.use(child)
+    return CommandOutput(f"forked into {child.name} ({child.id})"
+                         + ("; it is now current" if args.use else ""), data=child.info())
+
+
+@command
+@magic_arguments("session history")
+@argument("-n", type=int, default=20, help="the last N runs (default 20)")
+async def history(ctx: CommandContext, args: Any) -> CommandOutput:
+    """The recorded runs of the session: count, status, time, first line."""
+    runs = (await ctx.current()).history()[-args.n:]
+    rows = [(str(h["execution_count"] or ""), h["status"],
+             f"{h['timing'].get('total', 0) * 1000:.1f} ms",
+             (h["code"].strip().splitlines() or [""])[0][:70]) for h in runs]
+    return _table(("N", "STATUS", "TIME", "CODE"), rows)
+
+
+# -- visibility -------------------------------------------------------------------
+
+
+@command
+@magic_arguments("session timing")
+async def timing(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Where the last run's time went, stage by stage."""
+    return render_timing(ctx.last_timing)
+
+
+@command
+@magic_arguments("session insights")
+async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
+    """The last run's bottleneck and what to do about it; idle sessions worth pausing."""
+    found = run_insights(ctx.last_timing or {})
+    now = time.time()
+    for s in await ctx.manager._async_list("running"):
+        i = s.info()
+        idle = now - i["last_activity"]
+        if idle > 900:
+            found.append(f"session {i['name']} has been idle for {idle / 60:.0f} min: "
+                         f"`%session pause {i['name']}` frees its memory and keeps its state")
+    return render_insights(found)
+
+
+@command
+@magic_arguments("session dashboard")
+@argument("--refresh", type=float, default=2.0, help="seconds between refreshes (widget)")
+async def dashboard(ctx: CommandContext, args: Any) -> CommandOutput:
+    """A live table of sessions with pause, resume, renew and close buttons."""
+    status = ["starting", "running", "paused", "frozen", "dead"]
+    out = render_sessions([_with_usage(s) for s in await ctx.manager._async_list(status)])
+    out.data.update(view="dashboard", refresh=args.refresh)
+    return out
+
+
+@command
+@magic_arguments("session help")
+@argument("command", nargs="?", help="a command")
+async def help(ctx: CommandContext, args: Any) -> CommandOutput:  # noqa: A001
+    """Show the commands, or one command's usage."""
+    return usage(args.command)
+
+
+# -- rendering ----------------------------------------------------------------------
+
+
+def _with_usage(session: AsyncSession) -> dict[str, Any]:
+    return session.info() | {"usage": session.usage()}
+
+
+def session_row(i: dict[str, Any], now: float | None = None) -> dict[str, str]:
+    """One session as the list, the dashboard and their text fallbacks show it."""
+    now = time.time() if now is None else now
+    live = i["status"] in ("starting", "running", "frozen")
+    return {
+        "name": i["name"], "status": i["status"], "language": i["language"],
+        "lease": _ago(i["expires_at"] - now) if live else "-",
+        "cpu": f"{i['usage']['cpu_seconds']:.1f} s" if i.get("usage") else "-",
+        "memory": format_size(i["usage"]["memory"]) if i.get("usage") else "-",
+        "packages": str(len(i["packages"])), "runs": str(i["execution_count"]),
+        "last run": _ago(now - i["last_activity"]) + " ago",
+    }
+
+
+def render_sessions(infos: list[dict[str, Any]]) -> CommandOutput:
+    if not infos:
+        return CommandOutput("no sessions; `%session new` creates one",
+                             data={"view": "sessions", "sessions": []})
+    rows = [session_row(i) for i in infos]
+    out = _table(tuple(k.upper() for k in rows[0]), [tuple(r.values()) for r in rows])
+    out.data = {"view": "sessions", "sessions": infos}
+    return out
 
 
 def render_info(info: dict[str, Any]) -> CommandOutput:
     rows = []
     for key, value in info.items():
-        if key in ("created", "last_activity") and value:
+        if key in ("created", "last_activity", "expires_at") and value:
             value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
         elif key == "limits":
             value = ", ".join(
-                f"{k}={format_size(v) if k in ('memory', 'file_size') else v}"
+                f"{k}={format_size(v) if k in ('memory', 'file_size', 'disk') else v}"
                 for k, v in value.items()
             )
         elif isinstance(value, dict):
@@ -157,22 +469,61 @@ def render_info(info: dict[str, Any]) -> CommandOutput:
             value = ", ".join(map(str, value)) or "-"
         rows.append((key, "-" if value is None else str(value)))
     text = "\n".join(f"{k + ':':16}{v}" for k, v in rows)
-    html = "<table>" + "".join(
+    markup = "<table>" + "".join(
         f"<tr><th style='text-align:left'>{_esc(k)}</th><td style='text-align:left'>{_esc(v)}"
         "</td></tr>" for k, v in rows) + "</table>"
-    return CommandOutput(text, html, data=info)
+    return CommandOutput(text, markup, data=info)
 
 
 def render_timing(timing: dict[str, float] | None) -> CommandOutput:
     if not timing:
-        return CommandOutput("no cell has run in this session yet")
+        return CommandOutput("no cell has run in this session yet", data={"view": "timing"})
     total = timing.get("total") or sum(timing.values())
     lines = []
     for stage, seconds in timing.items():
         share = f"{100 * seconds / total:5.1f}%" if total and stage != "total" else ""
         lines.append(f"{stage:10} {seconds * 1000:10.1f} ms {share}")
-    return CommandOutput("\n".join(lines), data=dict(timing))
+    bar = "".join(
+        f"<div title='{_esc(s)}' style='display:inline-block;height:12px;width:"
+        f"{max(1.0, 100 * v / total):.1f}%;background:{_color(i)}'></div>"
+        for i, (s, v) in enumerate(timing.items()) if s != "total" and total)
+    markup = f"<div style='width:100%'>{bar}</div><pre>{_esc(chr(10).join(lines))}</pre>"
+    return CommandOutput("\n".join(lines), markup, data={"view": "timing", "timing": timing})
+
+
+def render_insights(found: list[str]) -> CommandOutput:
+    if not found:
+        return CommandOutput("no insights: no stage dominated the last run",
+                             data={"view": "insights", "insights": []})
+    return CommandOutput("\n".join(f"insight: {i}" for i in found),
+                         "<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in found) + "</ul>",
+                         data={"view": "insights", "insights": found})
+
+
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> CommandOutput:
+    widths = [max(len(str(r[c])) for r in [head, *rows]) for c in range(len(head))]
+    text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows])
+    markup = ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"
+              + "".join("<tr>" + "".join(f"<td>{_esc(str(v))}</td>" for v in r) + "</tr>"
+                        for r in rows) + "</table>")
+    return CommandOutput(text, markup)
+
+
+_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2")
+
+
+def _color(i: int) -> str:
+    return _COLORS[i % len(_COLORS)]
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _esc(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(str(text), quote=True)

@@ -32,7 +32,7 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Bool, Instance, Unicode
 
 from . import __version__
-from .commands import CommandError, SessionCommands, split_cell
+from .commands import CommandError, run_command, split_cell
 from .connection import unpack_message
 from .errors import SandboxError, SessionBusy, SessionClosed, SessionDead
 from .manager import AsyncSessionManager
@@ -81,8 +81,6 @@ class SandboxKernel(Kernel):
         self._comm_chain: asyncio.Future[None] | None = None
         self._early: _CellRelay | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.commands = SessionCommands(self._session_info, lambda: self._last_timing,
-                                        self._new_session, self._install)
 
     # -- start-up: find or create the session, in the background -----------
 
@@ -142,25 +140,38 @@ class SandboxKernel(Kernel):
         assert self._ready is not None
         return await asyncio.shield(self._ready)
 
-    async def _new_session(self, name: str | None) -> dict[str, Any]:
-        manager = self._manager()
-        session = await manager.create(name=name or _free_name(manager, self.binding_key),
-                                       wait=False)
-        manager.registry.bind(self.binding_key, session.id)
+    # -- the context of the %session commands (see commands.CommandContext) ---------
+
+    @property
+    def manager(self) -> AsyncSessionManager:
+        return self._manager()
+
+    @property
+    def last_timing(self) -> dict[str, float] | None:
+        return self._last_timing
+
+    @last_timing.setter
+    def last_timing(self, value: dict[str, float] | None) -> None:
+        self._last_timing = value
+
+    async def current(self) -> AsyncSession:
+        try:
+            return await self._sandbox()
+        except SandboxError as exc:
+            raise CommandError(f"%session: this notebook's session is not usable: {exc}; "
+                               "`%session new` starts a fresh one") from None
+
+    async def use(self, session: AsyncSession) -> None:
+        """Bind this notebook to ``session`` (a restart keeps the binding)."""
+        self._manager().registry.bind(self.binding_key, session.id)
         self._inner_info = None
         self._ready = asyncio.ensure_future(self._adopt(session))
-        return session.info()
 
-    async def _install(self, packages: list[str]) -> Any:
-        sandbox = await self._sandbox()
-        result = await sandbox.install(packages)
-        self._last_timing = {f"install.{k}": v for k, v in result.timing.items()}
-        return result
+    def watch_transfer(self, batch: Any) -> None:
+        return None  # the command's result shows the figures; widgets need the extension
 
-    def _session_info(self) -> dict[str, Any]:
-        if self.sandbox is None:
-            raise CommandError("%session: the session is still being set up; try again")
-        return self.sandbox.info()
+    def default_name(self) -> str:
+        return _free_name(self._manager(), self.binding_key)
 
     # -- kernel_info ----------------------------------------------------------
 
@@ -246,7 +257,7 @@ class SandboxKernel(Kernel):
 
     async def _run_command(self, line: str) -> dict[str, Any]:
         try:
-            out = await self.commands.run(line)
+            out = await run_command(self, line)
         except SandboxError as exc:
             return self._error_reply(exc)
         data = {"text/plain": out.text}

@@ -209,9 +209,9 @@ class LifecycleMixin:
             else:
                 chosen = checkpoint if checkpoint is not None else row["checkpoint_id"]
                 cp = self._checkpoint_row(chosen)
-                await self._relaunch(row)
                 try:
-                    report = await self._restore_from(cp, reset=False, files=False)
+                    report = await self._restore_from(cp, reset=False, files=False,
+                                                      relaunch=row)
                 except SnapshotDamaged:
                     await self._back_to_paused()
                     raise
@@ -264,6 +264,23 @@ class LifecycleMixin:
             return [top, *top.children(recursive=True)]
         except (OSError, ValueError, KeyError, psutil.Error):
             raise SessionDead(self.name, "its sandbox process is gone") from None
+
+    def usage(self) -> dict[str, float] | None:
+        """CPU seconds and resident memory of the sandbox's processes; None when none runs."""
+        row = self.manager.registry.session(self.id) or self._row
+        if row["status"] not in ("starting", "running", "frozen"):
+            return None
+        try:
+            procs = self._sandbox_processes(row)
+        except SessionDead:
+            return None
+        cpu = memory = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                memory += proc.memory_info().rss
+        return {"cpu_seconds": cpu, "memory": memory}
 
     def _freeze(self, row: dict[str, Any]) -> None:
         for proc in self._sandbox_processes(row):
@@ -448,12 +465,22 @@ class LifecycleMixin:
 
     # -- restore: from the store, into the sandbox ---------------------------------------
 
-    async def _restore_from(self, cp: dict[str, Any], reset: bool, files: bool) -> ResumeReport:
+    async def _restore_from(self, cp: dict[str, Any], reset: bool, files: bool,
+                            relaunch: dict[str, Any] | None = None) -> ResumeReport:
+        """Load a checkpoint; with ``relaunch`` (a paused session's row), start its sandbox
+        while the snapshot is exported, since each takes about as long as the other."""
         manifest = cp["manifest"]
         report = ResumeReport(checkpoint=cp["id"])
         host, inside, snap = self._snapshot_dir()
         try:
-            await asyncio.to_thread(self._export_snapshot, cp, snap)
+            exporting = asyncio.ensure_future(
+                asyncio.to_thread(self._export_snapshot, cp, snap))
+            try:
+                if relaunch is not None:
+                    await self._relaunch(relaunch)
+            finally:
+                await asyncio.wait([exporting])
+            exporting.result()
             if files and manifest.get("files"):
                 report.files = await asyncio.to_thread(self._place_files, manifest["files"], cp)
             wanted = {var: {"files": [f for f, _, _ in v["files"]]}

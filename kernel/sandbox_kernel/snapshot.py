@@ -155,15 +155,34 @@ def _read(path: str, writable: bool) -> Any:
 
 
 def load(shell: Any, in_dir: str, variables: dict[str, Any]) -> dict[str, Any]:
-    """Unpickle the given variables into the user namespace; name each failure."""
-    report: dict[str, Any] = {"restored": [], "failed": {}}
+    """Unpickle the given variables into the user namespace; name each failure.
+
+    The cyclic garbage collector is off meanwhile: unpickling creates containers by
+    the hundred thousand, each allocation counting towards a collection that would
+    find nothing to free (2-3x faster for lists of dicts).
+    """
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load(shell, in_dir, variables)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load(shell: Any, in_dir: str, variables: dict[str, Any]) -> dict[str, Any]:
+    report: dict[str, Any] = {"restored": [], "failed": {}, "seconds": {}}
     for name, entry in variables.items():
+        began = time.perf_counter()
         try:
             files = entry["files"]
             data = _read(os.path.join(in_dir, files[0]), writable=False)
             buffers = [_read(os.path.join(in_dir, f), writable=True) for f in files[1:]]
             shell.user_ns[name] = pickle.loads(data, buffers=buffers)
             report["restored"].append(name)
+            report["seconds"][name] = round(time.perf_counter() - began, 6)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -186,6 +205,7 @@ def restore(shell: Any, in_dir: str, request: dict[str, Any]) -> dict[str, Any]:
     loaded = load(shell, in_dir, request.get("variables", {}))
     report["restored"] = loaded["restored"]
     report["failed"].update(loaded["failed"])
+    report["seconds"] = loaded["seconds"]
     if request.get("execution_count") and not request.get("reset"):
         # A new interpreter continues the numbering. A restore in place does not go back:
         # IPython's history database refuses a line number twice.
