@@ -167,6 +167,18 @@ def test_session_commands_in_the_kernel(kernel):
     assert reply["status"] == "error" and "unknown command 'bogus'" in reply["evalue"]
     reply, msgs = execute(kc, "y = 2\n%session timing\ny + 1")
     assert reply["status"] == "ok" and results(msgs) == ["3"]
+    # The lifecycle commands, the same code as the extension's.
+    reply, msgs = execute(kc, "%session pause")
+    shown = [m for m in msgs if m["msg_type"] == "display_data"][0]["content"]["data"]
+    assert shown["text/plain"].startswith("paused ")
+    reply, msgs = execute(kc, "print(x + y)")
+    assert reply["status"] == "ok" and texts(msgs) == "3\n"
+    reply, msgs = execute(kc, "%session dashboard")
+    shown = [m for m in msgs if m["msg_type"] == "display_data"][0]["content"]["data"]
+    assert "running" in shown["text/plain"] and "<table>" in shown["text/html"]
+    reply, msgs = execute(kc, "%session help checkpoint")
+    shown = [m for m in msgs if m["msg_type"] == "display_data"][0]["content"]["data"]
+    assert "usage:  %session checkpoint" in shown["text/plain"]
 
 
 def test_rich_outputs_clear_and_update_display(kernel):

@@ -1,0 +1,282 @@
+"""``%session`` and ``%%session`` in any IPython: a kernel, a terminal, nbconvert.
+
+The commands themselves live in ``sandbox_kernel.commands`` (the sandbox
+kernel runs the same ones); this module supplies their context (the current
+session, a manager configured from IPython's config) and shows what they
+return: as ipywidgets where a widget frontend is present, else as text.
+Errors print as one line; tracebacks come only from code run in the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import clear_output, display, publish_display_data
+
+from sandbox_kernel import portal
+from sandbox_kernel.commands import CommandError, CommandOutput, run_command, usage
+from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.manager import SessionManager
+from sandbox_kernel.session import AsyncSession
+
+
+@magic_arguments("%session")
+@argument("name", nargs="?", help="run in this session (default: the current one)")
+@argument("--timing", action="store_true", help="show where the time went")
+@argument("--insights", action="store_true", help="show the bottleneck, if any")
+def _cell_args() -> None:
+    """Run the cell in a sandbox session, its output relayed live."""
+
+
+@magics_class
+class SessionMagics(Magics):
+    def __init__(self, shell: Any, manager: SessionManager | None = None) -> None:
+        super().__init__(shell)
+        self._manager = manager
+        self._current: AsyncSession | None = None
+        self.last_timing: dict[str, float] | None = None
+        #: The widget (or None) of the last command, for tests and for `stop()`.
+        self.last_view: Any = None
+
+    # -- the context the commands run in ----------------------------------------------
+
+    @property
+    def manager(self) -> SessionManager:
+        if self._manager is None:
+            self._manager = SessionManager(config=self.shell.config if self.shell else None)
+        return self._manager
+
+    async def current(self) -> AsyncSession:
+        if self._current is None:
+            raise CommandError("%session: no current session; `%session new [NAME]` creates "
+                               "one, `%session use NAME` picks an existing one")
+        return self._current
+
+    async def use(self, session: AsyncSession) -> None:
+        self._current = session
+        session.keep_alive(True)  # while this IPython lives, the session's lease is renewed
+
+    def default_name(self) -> None:
+        return None
+
+    def watch_transfer(self, batch: Any) -> Callable[[], None]:
+        """Show progress while the transfer runs (from a thread); the returned stop ends it."""
+        stop = threading.Event()
+        started = time.monotonic()
+        view = None
+        if widgets_shown(self.shell):
+            from .widgets import TransferProgress
+
+            view = TransferProgress("upload" if hasattr(batch, "commit") else "download")
+            view.update(batch.get_progress())
+            display(view)
+            self.last_view = view
+
+        def poll() -> None:
+            while True:
+                finished = stop.wait(0.1)
+                progress = batch.get_progress()
+                if view is not None:
+                    view.update(progress)
+                else:
+                    from .widgets import text_bar
+
+                    sys.stdout.write("\r" + text_bar(progress, time.monotonic() - started))
+                    sys.stdout.flush()
+                if finished:
+                    if view is None:
+                        sys.stdout.write("\n")
+                    return
+
+        thread = threading.Thread(target=poll, daemon=True, name="sandbox-transfer-progress")
+        thread.start()
+
+        def done() -> None:
+            stop.set()
+            thread.join()
+
+        return done
+
+    # -- the magic -------------------------------------------------------------------
+
+    @line_cell_magic
+    def session(self, line: str, cell: str | None = None) -> None:
+        """Sandbox sessions: `%session help` lists the commands; `%%session` runs a cell.
+
+        %session new [NAME] | use NAME | list | info | close | pause [--freeze] | resume |
+        timeout SECONDS | install PKG... | upload PATH... | download PATH... |
+        artifacts | checkpoint [--name L] [--list] | restore CK | fork [NEW] |
+        history | timing | insights | dashboard | help [COMMAND]
+
+        %%session [NAME] [--timing] [--insights]
+            runs the cell in the session (the current one, or NAME), with its
+            output relayed as it arrives.
+        """
+        try:
+            if cell is None:
+                self._show(portal.call(run_command(self, line)))
+            else:
+                self._run_cell(line, cell)
+        except (SandboxError, UsageError) as exc:
+            print(f"%session: {exc}" if not str(exc).startswith("%session") else str(exc),
+                  file=sys.stderr)
+
+    def _show(self, out: CommandOutput) -> None:
+        view = out.data.get("view")
+        if view and widgets_shown(self.shell):
+            widget = self._widget(view, out)
+            if widget is not None:
+                self.last_view = widget
+                display(widget)
+                return
+        if view == "transfer":
+            print(out.text)  # the progress bar was drawn as it went
+        elif out.html and self._rich():
+            publish_display_data({"text/plain": out.text, "text/html": out.html})
+        else:
+            print(out.text)
+
+    def _widget(self, view: str, out: CommandOutput) -> Any:
+        from . import widgets
+
+        if view == "timing" and out.data.get("timing"):
+            return widgets.TimingView(out.data["timing"])
+        if view == "insights":
+            return widgets.InsightsView(out.data.get("insights", []))
+        if view == "dashboard":
+            return widgets.Dashboard(self._dashboard_rows, self._dashboard_act,
+                                     refresh=out.data.get("refresh", 2.0))
+        if view == "transfer":
+            return None  # shown live by watch_transfer
+        return None
+
+    def _dashboard_rows(self) -> list[dict[str, Any]]:
+        sessions = portal.call(self.manager._async_list(
+            ["starting", "running", "paused", "frozen", "dead"]))
+        return [s.info() | {"usage": s.usage()} for s in sessions]
+
+    def _dashboard_act(self, action: str, session_id: str) -> str:
+        session = portal.call(self.manager._async_get(session_id))
+        if action == "pause":
+            out = portal.call(session.pause())
+            return f"{session.name}: {out['status']}"
+        if action == "resume":
+            return f"{session.name}: {portal.call(session.resume())}"
+        if action == "renew":
+            info = session.set_timeout(session.info()["timeout"])
+            return f"{session.name}: lease renewed, {info['timeout']:g} s from now"
+        if action == "close":
+            portal.call(self.manager._async_close(session_id))
+            if self._current is not None and self._current.id == session_id:
+                self._current = None
+            return f"{session.name}: closed"
+        raise CommandError(f"unknown action {action!r}")
+
+    def _rich(self) -> bool:
+        return getattr(self.shell, "kernel", None) is not None
+
+    # -- %%session ----------------------------------------------------------------------
+
+    def _run_cell(self, line: str, cell: str) -> None:
+        try:
+            args = parse_argstring(_cell_args, line)
+        except UsageError as exc:
+            raise CommandError(f"%%session: {exc}; usage: %%session [NAME] [--timing] "
+                               "[--insights]") from None
+        if args.name:
+            session = portal.call(self.manager._async_get(args.name))
+        elif self._current is not None:
+            session = self._current
+        else:
+            session = portal.call(self.manager._async_create(wait=False))
+            print(f"%%session: no current session, so a new one was created: {session.name} "
+                  "(`%session use NAME` picks another)", file=sys.stderr)
+        portal.call(self.use(session))
+        result = self._relay(session, cell)
+        self.last_timing = dict(result.timing)
+        if args.timing:
+            self._show(run_output("timing", self))
+        if args.insights:
+            self._show(run_output("insights", self))
+
+    def _relay(self, session: AsyncSession, code: str) -> Any:
+        """Run ``code``; show its outputs from this thread, in order, as they arrive."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def ask(prompt: str, password: bool) -> str:
+            answer: queue.Queue[str] = queue.Queue()
+            events.put(("stdin", (prompt, password, answer)))
+            return answer.get()
+
+        fut = portal.submit(session.run(code, on_output=lambda o: events.put(("output", o)),
+                                        on_stdin=ask))
+        try:
+            while True:
+                try:
+                    kind, payload = events.get(timeout=0.05)
+                except queue.Empty:
+                    if fut.done():
+                        break
+                    continue
+                if kind == "output":
+                    _show_output(payload)
+                else:
+                    prompt, password, answer = payload
+                    answer.put(getpass.getpass(prompt) if password else input(prompt))
+            while not events.empty():
+                kind, payload = events.get()
+                if kind == "output":
+                    _show_output(payload)
+            return fut.result()
+        except KeyboardInterrupt:
+            portal.call(session.interrupt(), timeout=10)
+            with contextlib.suppress(Exception):
+                fut.result(timeout=self.manager.interrupt_grace)
+            print("%%session: interrupted (KeyboardInterrupt in the sandbox)", file=sys.stderr)
+            raise
+
+
+def run_output(name: str, magics: SessionMagics) -> CommandOutput:
+    return portal.call(run_command(magics, name))
+
+
+def _show_output(out: dict[str, Any]) -> None:
+    kind = out["output_type"]
+    if kind == "stream":
+        stream = sys.stdout if out["name"] == "stdout" else sys.stderr
+        stream.write(out["text"])
+        stream.flush()
+    elif kind in ("display_data", "execute_result", "update_display_data"):
+        transient = {"display_id": out["display_id"]} if out.get("display_id") else None
+        publish_display_data(out["data"], out.get("metadata") or {}, transient=transient,
+                             update=kind == "update_display_data")
+    elif kind == "clear_output":
+        clear_output(wait=out.get("wait", False))
+    elif kind == "error":
+        print("\n".join(out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]),
+              file=sys.stderr)
+
+
+def widgets_shown(shell: Any) -> bool:
+    """A frontend that can render widgets: a kernel (not a terminal) with ipywidgets."""
+    if getattr(shell, "kernel", None) is None:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def session_help() -> str:
+    return usage(None).text

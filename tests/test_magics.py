@@ -1,0 +1,214 @@
+"""The IPython extension: %session and %%session in a shell and in a kernel, and the widgets.
+
+The shell is a real IPython InteractiveShell (the terminal's text fallbacks); the
+kernel is a real ipykernel started by jupyter_client, whose iopub messages carry
+the widgets' models (comm_open state). Sessions are real bwrap sandboxes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from IPython.testing.globalipapp import start_ipython
+from jupyter_client.manager import start_new_kernel
+
+from .conftest import make_manager, needs_bwrap, short_tmpdir
+
+pytestmark = needs_bwrap
+
+
+@pytest.fixture(scope="module")
+def shell():
+    home = short_tmpdir("skmag-")
+    ip = start_ipython()
+    with make_manager(home, isolation="bwrap") as manager:
+        from sandbox_magics import SessionMagics
+
+        magics = SessionMagics(ip, manager=manager)
+        ip.register_magics(magics)
+        yield ip, magics, manager
+
+
+def run_line(capsys, ip, line: str) -> tuple[str, str]:
+    ip.run_line_magic("session", line)
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def run_cell(capsys, ip, line: str, cell: str) -> tuple[str, str]:
+    ip.run_cell_magic("session", line, cell)
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_help_usage_and_one_line_errors(shell, capsys):
+    ip, _, _ = shell
+    out, _ = run_line(capsys, ip, "help")
+    for name in ("new", "use", "pause", "upload", "checkpoint", "dashboard", "insights"):
+        assert f"\n  {name} " in out
+    out, _ = run_line(capsys, ip, "help pause")
+    assert out.startswith("usage:  %session pause [--freeze] [name]")
+    _, err = run_line(capsys, ip, "bogus")
+    assert err.count("\n") == 1 and "unknown command 'bogus'" in err
+    _, err = run_line(capsys, ip, "timeout soon")
+    assert err.count("\n") == 1 and "argument seconds: invalid float value" in err
+    _, err = run_line(capsys, ip, "info")
+    assert "no current session" in err and "Traceback" not in err
+    assert "%%session [NAME]" in ip.find_line_magic("session").__doc__
+
+
+def test_session_cell_runs_in_the_sandbox_with_live_output(shell, capsys):
+    ip, magics, manager = shell
+    out, _ = run_line(capsys, ip, "new magic-one")
+    assert out.startswith("new session magic-one")
+    out, err = run_cell(capsys, ip, "--timing --insights",
+                        "import os\nprint(os.getcwd(), os.getuid())\nvalue = 6 * 7\nvalue")
+    assert "/home/sandbox 1000" in out and "42" in out
+    assert "execute" in out and "total" in out  # the timing table
+    assert magics.last_timing and "execute" in magics.last_timing
+    out, err = run_cell(capsys, ip, "", "1 / 0")
+    assert "ZeroDivisionError" in err and "magics.py" not in err
+    out, _ = run_cell(capsys, ip, "magic-one", "print(value + 1)")
+    assert out == "43\n"
+    out, _ = run_line(capsys, ip, "list")
+    assert "magic-one" in out and "running" in out and "LEASE" in out
+    assert manager.get("magic-one").info()["execution_count"] == 3
+
+
+def test_lifecycle_commands_from_the_magic(shell, capsys):
+    ip, _, manager = shell
+    run_line(capsys, ip, "new magic-two")
+    run_cell(capsys, ip, "", "data = [1, 2, 3]")
+    out, _ = run_line(capsys, ip, "checkpoint --name first")
+    assert "first" in out
+    run_cell(capsys, ip, "", "data.append(4)")
+    out, _ = run_line(capsys, ip, "pause")
+    assert out.startswith("paused magic-two")
+    assert manager.get_info("magic-two")["status"] == "paused"
+    out, _ = run_cell(capsys, ip, "", "print(data)")
+    assert out == "[1, 2, 3, 4]\n"
+    out, _ = run_line(capsys, ip, "restore first")
+    assert "restored" in out
+    assert run_cell(capsys, ip, "", "print(data)")[0] == "[1, 2, 3]\n"
+    out, _ = run_line(capsys, ip, "history")
+    assert "data.append(4)" in out
+    out, _ = run_line(capsys, ip, "timeout 120 --on-timeout close")
+    assert "lease 120 s" in out and "then close" in out
+    out, _ = run_line(capsys, ip, "fork magic-fork")
+    assert "forked into magic-fork" in out
+    assert run_cell(capsys, ip, "magic-fork", "print(data)")[0] == "[1, 2, 3]\n"
+    run_line(capsys, ip, "use magic-two")
+    out, _ = run_line(capsys, ip, "close magic-fork")
+    assert out == "closed magic-fork\n"
+
+
+def test_upload_prints_a_text_progress_bar_to_completion(shell, capsys, tmp_path):
+    ip, _, manager = shell
+    run_line(capsys, ip, "new magic-up")
+    data = tmp_path / "blob.bin"
+    data.write_bytes(os.urandom(8 << 20))
+    out, err = run_line(capsys, ip, f"upload {data}")
+    assert err == ""
+    assert "100.0%" in out and "1/1 files" in out, out
+    assert "uploaded 1 file(s)" in out
+    again, _ = run_line(capsys, ip, f"upload {data}")
+    assert "1 unchanged" in again
+    assert (Path(manager.get("magic-up").info()["work_dir"]) / "blob.bin").stat().st_size == 8 << 20
+
+
+def test_dashboard_widget_rows_and_buttons(shell, capsys):
+    """The dashboard's models, driven as a frontend would: a click on Pause pauses."""
+    from sandbox_magics.widgets import Dashboard
+
+    ip, magics, manager = shell
+    run_line(capsys, ip, "new magic-dash")
+    run_cell(capsys, ip, "", "x = 1")
+    board = Dashboard(magics._dashboard_rows, magics._dashboard_act, refresh=0)
+    try:
+        target = manager.get("magic-dash").id
+        live = {s.id for s in manager.list(status=["running", "paused", "starting", "frozen"])}
+        assert set(board.rows) == live
+        row = board.rows[target]
+        assert row["cells"]["status"].value == "running"
+        assert row["cells"]["name"].value == "magic-dash"
+        assert "MiB" in row["cells"]["memory"].value
+        row["buttons"]["pause"].click()
+        assert manager.get_info("magic-dash")["status"] == "paused"
+        assert row["cells"]["status"].value == "paused"
+        assert row["buttons"]["pause"].disabled and not row["buttons"]["resume"].disabled
+        row["buttons"]["resume"].click()
+        assert row["cells"]["status"].value == "running"
+        row["buttons"]["close"].click()
+        assert target not in board.rows
+        assert "closed" in board.message.value
+        assert "magic-dash" not in board._repr_mimebundle_()["text/plain"]
+    finally:
+        board.close()
+
+
+def test_transfer_timing_and_insight_views_hold_the_figures():
+    from sandbox_magics.widgets import InsightsView, TimingView, TransferProgress
+
+    view = TransferProgress("upload")
+    files = [{"name": "a.bin", "bytes_completed": 50, "bytes_total": 100, "status": "hashing"}]
+    view.update({"files": files, "bytes_completed": 50, "bytes_total": 100, "files_done": 0,
+                 "files_total": 1, "stats": {"bytes_stored": 20, "chunks_reused": 3}})
+    bar, label = view.rows["a.bin"]
+    assert bar.value == 0.5 and view.total.value == 0.5
+    assert "saved by dedup: 30 B" in view.summary.value and "3 chunks reused" in view.summary.value
+    files[0].update(bytes_completed=100, status="done")
+    view.update({"files": files, "bytes_completed": 100, "bytes_total": 100, "files_done": 1,
+                 "files_total": 1, "stats": {"bytes_stored": 20}})
+    assert bar.value == 1.0 and bar.bar_style == "success" and view.total.value == 1.0
+
+    timing = TimingView({"resume": 0.9, "execute": 0.1, "total": 1.0})
+    widths = [seg.layout.width for seg in timing.segments]
+    assert widths == ["90.0%", "10.0%"]
+    bundle = timing._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "resume" in bundle["text/plain"] and "90.0%" in bundle["text/plain"]
+    insights = InsightsView(["resume took 0.9 s"])
+    assert "resume took 0.9 s" in insights.children[0].value
+
+
+def test_magics_in_a_kernel_show_widgets_with_text_fallbacks(tmp_path):
+    home = short_tmpdir("skmagk-")
+    env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
+    km, kc = start_new_kernel(kernel_name="python3", env=env)
+    try:
+        def execute(code: str) -> list[dict]:
+            msgs: list[dict] = []
+            reply = kc.execute_interactive(code, timeout=120, output_hook=msgs.append)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return msgs
+
+        execute("%load_ext sandbox_magics")
+        msgs = execute("%session new k-one")
+        assert "new session k-one" in "".join(m["content"].get("text", "") for m in msgs)
+        msgs = execute("%%session --timing\nprint('inside', 6 * 7)")
+        assert "inside 42\n" in [m["content"].get("text") for m in msgs]
+        shown = [m for m in msgs if m["msg_type"] == "display_data"]
+        assert "application/vnd.jupyter.widget-view+json" in shown[-1]["content"]["data"]
+        assert "execute" in shown[-1]["content"]["data"]["text/plain"]
+        data = tmp_path / "up.bin"
+        data.write_bytes(os.urandom(4 << 20))
+        msgs = execute(f"%session upload {data}")
+        states = [m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_open"]
+        updates = [m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_msg"
+                   and m["content"]["data"].get("method") == "update"]
+        progress = [s for s in states if s.get("_model_name") == "FloatProgressModel"]
+        assert progress, "a progress bar model was opened"
+        assert any(u.get("value") == 1.0 for u in updates), "a bar reached 100%"
+        msgs = execute("%session dashboard --refresh 0")
+        buttons = [s["description"] for s in (m["content"]["data"]["state"] for m in msgs
+                   if m["msg_type"] == "comm_open") if s.get("_model_name") == "ButtonModel"]
+        assert buttons == ["pause", "resume", "renew", "close"]
+        board = [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
+        assert "k-one" in board["text/plain"] and "<table>" in board["text/html"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        with make_manager(home):
+            pass  # closes the kernel's sessions
