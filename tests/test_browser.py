@@ -122,3 +122,51 @@ def test_lab_runs_cells_in_the_sandbox_kernel(lab, browser):
     assert img.get_attribute("src").startswith("data:image/png;base64,")
     assert img.evaluate("i => i.naturalWidth") > 100
     page.close()
+
+
+def test_lab_magics_dashboard_progress_and_session_cells(lab, browser, kernel_home):
+    """The extension in a plain ipykernel notebook: %%session output, an upload's bar
+    reaching 100%, and the dashboard, whose Pause button pauses the session."""
+    from sandbox_kernel import SessionManager
+
+    blob = lab["root"] / "blob.bin"
+    blob.write_bytes(os.urandom(16 << 20))
+    _notebook(lab["root"] / "magics.ipynb", [
+        "%load_ext sandbox_magics",
+        "%session new lab-one",
+        "%%session\nprint('hello from the sandbox', 6 * 7)",
+        f"%session upload {blob}",
+        "%session dashboard --refresh 1",
+    ])
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab['base']}/lab/tree/magics.ipynb?token={lab['token']}")
+    page.wait_for_selector(".jp-Dialog", timeout=60_000)
+    dialog = page.locator(".jp-Dialog")
+    dialog.locator("select").select_option(label="Python 3 (ipykernel)")
+    dialog.locator("button.jp-mod-accept").click()
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.name"
+        " === 'python3'", timeout=60_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector("text=hello from the sandbox 42", timeout=120_000)
+    # The total bar of the upload's progress widget (ipywidgets' FloatProgress).
+    page.wait_for_selector(".widget-hprogress:has-text('total') "
+                           ".progress-bar[style*='width: 100%']", timeout=120_000)
+    screenshot(page, "lab-magics-upload")
+    session_id = SessionManager(home=str(kernel_home)).get("lab-one").id
+    row = page.locator(f".sk-session-{session_id}")
+    row.wait_for(timeout=120_000)
+    assert "running" in row.inner_text()
+    screenshot(page, "lab-magics-dashboard")
+    row.locator("button", has_text="pause").click()
+    manager = SessionManager(home=str(kernel_home))
+    deadline = time.monotonic() + 60
+    while manager.get_info(session_id)["status"] != "paused" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert manager.get_info(session_id)["status"] == "paused"
+    page.wait_for_function(
+        f"() => document.querySelector('.sk-session-{session_id}')?.innerText"
+        ".includes('paused')", timeout=30_000)
+    shot = screenshot(page, "lab-magics-dashboard-paused")
+    assert shot.stat().st_size > 10_000
+    page.close()

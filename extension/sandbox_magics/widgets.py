@@ -198,7 +198,7 @@ class Dashboard(_WithFallback, w.VBox):
 
     def _new_row(self, session_id: str) -> dict[str, Any]:
         cells = {c: _cell("") for c in COLUMNS}
-        buttons = {a: w.Button(description=a, layout=w.Layout(width="72px"),
+        buttons = {a: w.Button(description=a, layout=w.Layout(width="84px"),
                                tooltip=f"{a} this session") for a in ACTIONS}
         for action, button in buttons.items():
             button.on_click(lambda _b, a=action, sid=session_id: self._click(a, sid))
