@@ -75,7 +75,7 @@ def test_errors_are_one_line(cli, args, message):
 
 def test_lifecycle_commands(cli):
     assert cli("create", "life", "--timeout", "900").returncode == 0
-    assert cli("run", "life", "import numpy as np; a = np.arange(5); g = iter(range(3))"
+    assert cli("run", "life", "import numpy as np; a = np.arange(5); g = (i for i in range(3))"
                ).returncode == 0
     cp = cli("checkpoint", "life", "--name", "start")
     assert cp.returncode == 0 and "start" in cp.stdout, cp.stderr

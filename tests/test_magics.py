@@ -133,7 +133,7 @@ def test_dashboard_widget_rows_and_buttons(shell, capsys):
         row = board.rows[target]
         assert row["cells"]["status"].value == "running"
         assert row["cells"]["name"].value == "magic-dash"
-        assert "MiB" in row["cells"]["memory"].value
+        assert "MiB" in row["cells"]["memory"].value and row["cells"]["files"].value == "0"
         row["buttons"]["pause"].click()
         assert manager.get_info("magic-dash")["status"] == "paused"
         assert row["cells"]["status"].value == "paused"
@@ -212,3 +212,19 @@ def test_magics_in_a_kernel_show_widgets_with_text_fallbacks(tmp_path):
         km.shutdown_kernel(now=True)
         with make_manager(home):
             pass  # closes the kernel's sessions
+
+
+def test_insights_name_the_figures_they_rest_on(shell, capsys):
+    from sandbox_kernel.timing import run_insights, transfer_insights
+
+    slow_resume = run_insights({"resume": 1.5, "execute": 0.01, "total": 1.52})
+    assert len(slow_resume) == 1 and "1.50 s of 1.52 s" in slow_resume[0]
+    assert "mode='freeze'" in slow_resume[0]
+    assert run_insights({"execute": 1.5, "total": 1.5}) == []  # the user's own code: no advice
+    upload = transfer_insights({"bytes_hashed": 900 << 20}, 4.0, 1000 << 20)
+    assert "90% of its 1000.0 MiB" in upload[0] and "4.00 s" in upload[0]
+    assert transfer_insights({"bytes_hashed": 0}, 4.0, 1000 << 20) == []  # all cached
+    ip, magics, _ = shell
+    magics.last_timing = {"resume": 1.5, "execute": 0.01, "total": 1.52}
+    out, _ = run_line(capsys, ip, "insights")
+    assert out.startswith("insight: resuming the paused session took 1.50 s")

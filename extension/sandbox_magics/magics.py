@@ -24,7 +24,13 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import clear_output, display, publish_display_data
 
 from sandbox_kernel import portal
-from sandbox_kernel.commands import CommandError, CommandOutput, run_command, usage
+from sandbox_kernel.commands import (
+    CommandError,
+    CommandOutput,
+    _with_usage,
+    run_command,
+    usage,
+)
 from sandbox_kernel.errors import SandboxError
 from sandbox_kernel.manager import SessionManager
 from sandbox_kernel.session import AsyncSession
@@ -45,6 +51,8 @@ class SessionMagics(Magics):
         self._manager = manager
         self._current: AsyncSession | None = None
         self.last_timing: dict[str, float] | None = None
+        #: Insights of the last command that had some (an upload's, say).
+        self.last_insights: list[str] = []
         #: The widget (or None) of the last command, for tests and for `stop()`.
         self.last_view: Any = None
 
@@ -163,7 +171,7 @@ class SessionMagics(Magics):
     def _dashboard_rows(self) -> list[dict[str, Any]]:
         sessions = portal.call(self.manager._async_list(
             ["starting", "running", "paused", "frozen", "dead"]))
-        return [s.info() | {"usage": s.usage()} for s in sessions]
+        return [_with_usage(s) for s in sessions]
 
     def _dashboard_act(self, action: str, session_id: str) -> str:
         session = portal.call(self.manager._async_get(session_id))
@@ -204,6 +212,7 @@ class SessionMagics(Magics):
         portal.call(self.use(session))
         result = self._relay(session, cell)
         self.last_timing = dict(result.timing)
+        self.last_insights = []
         if args.timing:
             self._show(run_output("timing", self))
         if args.insights:

@@ -129,6 +129,11 @@ class TimingView(_WithFallback, w.VBox):
             w.HTML(f"<b>timing</b> · total {total * 1000:.1f} ms"),
             w.HBox(self.segments, layout=w.Layout(width="100%")),
             w.HTML(legend),
+            w.HTML("<table>" + "".join(
+                f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>"
+                f"{v * 1000:.1f} ms</td><td style='text-align:right'>"
+                f"{'' if k == 'total' else f'{100 * v / total:.1f}%'}</td></tr>"
+                for k, v in timing.items()) + "</table>"),
         ])
 
 
@@ -143,8 +148,8 @@ class InsightsView(_WithFallback, w.VBox):
 
 # -- the dashboard ---------------------------------------------------------------------
 
-COLUMNS = ("name", "status", "language", "lease", "cpu", "memory", "packages", "runs",
-           "last run")
+COLUMNS = ("name", "status", "language", "lease", "cpu", "memory", "packages", "files",
+           "runs", "last run")
 ACTIONS = ("pause", "resume", "renew", "close")
 
 

@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .errors import SandboxError
 from .limits import format_size
-from .timing import run_insights
+from .timing import run_insights, transfer_insights
 
 if TYPE_CHECKING:
     from .manager import SessionManager
@@ -49,6 +49,8 @@ class CommandContext(Protocol):
 
     manager: SessionManager
     last_timing: dict[str, float] | None
+    #: Insights of the last command that produced some (an install's, an upload's).
+    last_insights: list[str]
 
     async def current(self) -> AsyncSession:
         """The session commands act on by default; CommandError if there is none."""
@@ -251,6 +253,7 @@ async def install(ctx: CommandContext, args: Any) -> CommandOutput:
     """Install packages (uv, outside the sandbox; cached and shared between sessions)."""
     result = await (await ctx.current()).install(args.packages)
     ctx.last_timing = {f"install.{k}": v for k, v in result.timing.items()}
+    ctx.last_insights = list(result.insights)
     lines = [result.summary(), *(f"insight: {i}" for i in result.insights)]
     return CommandOutput("\n".join(lines), data={"timing": result.timing,
                                                   "layers": result.layers})
@@ -271,12 +274,16 @@ async def upload(ctx: CommandContext, args: Any) -> CommandOutput:
     for path in args.paths:
         commit.add(path, args.dest)
     done = ctx.watch_transfer(commit)
+    began = time.perf_counter()
     try:
         manifest = await asyncio.to_thread(commit.commit)
     finally:
         if done is not None:
             done()
+    seconds = time.perf_counter() - began
     st = manifest["stats"]
+    ctx.last_timing = {"upload": seconds, "total": seconds}
+    ctx.last_insights = transfer_insights(st, seconds, sum(f["size"] for f in manifest["files"]))
     return CommandOutput(
         f"uploaded {len(manifest['files'])} file(s): {format_size(st['bytes_moved'])} placed, "
         f"{format_size(st['bytes_stored'])} newly stored, {st['chunks_reused']} chunks reused, "
@@ -392,7 +399,7 @@ async def timing(ctx: CommandContext, args: Any) -> CommandOutput:
 @magic_arguments("session insights")
 async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
     """The last run's bottleneck and what to do about it; idle sessions worth pausing."""
-    found = run_insights(ctx.last_timing or {})
+    found = run_insights(ctx.last_timing or {}) + list(ctx.last_insights)
     now = time.time()
     for s in await ctx.manager._async_list("running"):
         i = s.info()
@@ -426,7 +433,11 @@ async def help(ctx: CommandContext, args: Any) -> CommandOutput:  # noqa: A001
 
 
 def _with_usage(session: AsyncSession) -> dict[str, Any]:
-    return session.info() | {"usage": session.usage()}
+    """A session's info plus what the dashboard shows: CPU, memory, files in the work dir."""
+    from .workdir import WorkDir
+
+    return session.info() | {"usage": session.usage(),
+                             "files": len(WorkDir(session.work_dir).scan(limit=10_000))}
 
 
 def session_row(i: dict[str, Any], now: float | None = None) -> dict[str, str]:
@@ -438,7 +449,8 @@ def session_row(i: dict[str, Any], now: float | None = None) -> dict[str, str]:
         "lease": _ago(i["expires_at"] - now) if live else "-",
         "cpu": f"{i['usage']['cpu_seconds']:.1f} s" if i.get("usage") else "-",
         "memory": format_size(i["usage"]["memory"]) if i.get("usage") else "-",
-        "packages": str(len(i["packages"])), "runs": str(i["execution_count"]),
+        "packages": str(len(i["packages"])), "files": str(i.get("files", "-")),
+        "runs": str(i["execution_count"]),
         "last run": _ago(now - i["last_activity"]) + " ago",
     }
 

@@ -167,6 +167,9 @@ class SandboxKernel(Kernel):
         self._inner_info = None
         self._ready = asyncio.ensure_future(self._adopt(session))
 
+    #: Insights of the last command that had some (an upload's, say).
+    last_insights: list[str] = []
+
     def watch_transfer(self, batch: Any) -> None:
         return None  # the command's result shows the figures; widgets need the extension
 

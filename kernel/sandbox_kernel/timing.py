@@ -75,3 +75,17 @@ def run_insights(timing: dict[str, float]) -> list[str]:
             "(SessionManager.pool_size = {'python': 1}) hands out started sandboxes"
         )
     return out
+
+
+def transfer_insights(stats: dict[str, int], seconds: float, bytes_total: int) -> list[str]:
+    """An upload's figures: when it was slow because its data was new to the store."""
+    out = []
+    new = stats.get("bytes_hashed", 0)
+    if seconds > 1.0 and bytes_total and new > 0.5 * bytes_total:
+        out.append(
+            f"the upload took {_ms(seconds)}, and {100 * new / bytes_total:.0f}% of its "
+            f"{bytes_total / 1024**2:.1f} MiB had to be read and hashed (cache misses): "
+            "upload inputs once (create(files=...) or a template); unchanged files are then "
+            "skipped by the stat cache and known chunks are never stored again"
+        )
+    return out
