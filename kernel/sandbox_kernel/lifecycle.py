@@ -44,9 +44,10 @@ from .errors import (
     SessionDead,
     SnapshotDamaged,
 )
+from .paths import SessionLayout
 from .replay import plan_replay
 from .sandbox import supervisor
-from .sandbox.launcher import INSIDE_KERNEL
+from .sandbox.launcher import INSIDE_KERNEL, INSIDE_SNAPSHOTS
 from .snapshot import REPORT, request_code
 from .store import FileRecord
 from .timing import Timing
@@ -86,6 +87,26 @@ class Checkpoint:
             files=None if m.get("files") is None else len(m["files"]),
             size=sum(v["size"] for v in m["variables"].values()), stats=m.get("stats", {}),
         )
+
+
+@dataclass
+class SnapshotDir:
+    """A directory both the host and the kernel see: ``base`` on the host, ``inside`` in it."""
+
+    base: WorkDir
+    name: str
+    inside: str
+    #: Host-only, on the same filesystem: files are written here, then renamed in.
+    staging: Path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base.root / self.name, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -350,14 +371,31 @@ class LifecycleMixin:
 
     # -- capture: inside the sandbox, then into the store ------------------------------
 
-    def _snapshot_dir(self) -> tuple[Path, str, str]:
-        """A fresh directory the kernel writes to: host path, path inside, name."""
+    def _snapshot_dir(self, in_memory_bytes: int | None = None) -> SnapshotDir:
+        """A fresh directory the kernel reads or writes, seen from both sides.
+
+        Restores go through the session's shared-memory directory when it was
+        bound at launch and has room (``in_memory_bytes``): writing there is
+        several times faster than the disk's page cache, and the kernel maps
+        the files copy-on-write, so the arrays it loads share those pages. The
+        sandbox writes its captures to disk instead, where the page cache can
+        be reclaimed: a pause must not double the memory it is about to free.
+        """
+        layout = SessionLayout(Path(self._row["session_dir"]))
+        bwrap = self._row["isolation"] == "bwrap"
         name = f"snap-{secrets.token_hex(6)}"
-        kernel_dir = Path(self._row["session_dir"]) / "kernel"
-        host = kernel_dir / name
-        host.mkdir(mode=0o700)
-        inside = f"{INSIDE_KERNEL}/{name}" if self._row["isolation"] == "bwrap" else str(host)
-        return host, inside, name
+        shm = layout.snapshots
+        if (in_memory_bytes is not None and shm is not None and shm.is_dir()
+                and (shm / ".bound").exists()
+                and _free_bytes(shm) > 1.25 * in_memory_bytes + (256 << 20)):
+            base, inside_base = shm, INSIDE_SNAPSHOTS if bwrap else str(shm)
+            staging = shm.with_name(shm.name + ".staging")
+        else:
+            base, inside_base = layout.kernel, INSIDE_KERNEL if bwrap else str(layout.kernel)
+            staging = layout.root / "staging"
+        (base / name).mkdir(mode=0o700)
+        return SnapshotDir(base=WorkDir(base), name=name, inside=f"{inside_base}/{name}",
+                           staging=staging / name)
 
     async def _run_internal(self, code: str, check: bool = True,
                             expressions: dict[str, str] | None = None) -> Any:
@@ -372,10 +410,9 @@ class LifecycleMixin:
         result.expressions = reply["content"].get("user_expressions", {})
         return result
 
-    def _read_report(self, name: str) -> dict[str, Any]:
-        kernel = WorkDir(Path(self._row["session_dir"]) / "kernel")
+    def _read_report(self, snap: SnapshotDir) -> dict[str, Any]:
         try:
-            with kernel.open_file((name, REPORT)) as (fd, st):
+            with snap.base.open_file((snap.name, REPORT)) as (fd, st):
                 if st.st_size > 64 << 20:
                     raise SandboxError("the sandbox's snapshot report is implausibly large")
                 return json.loads(os.pread(fd, st.st_size, 0))
@@ -384,11 +421,11 @@ class LifecycleMixin:
                                ) from None
 
     async def _capture(self, kind: str, name: str | None, files: bool) -> Checkpoint:
-        host, inside, snap = self._snapshot_dir()
+        snap = self._snapshot_dir()
         started = time.perf_counter()
         try:
             await self._run_internal(request_code(
-                {"op": "capture", "dir": inside, "timeout": self.manager.variable_timeout}))
+                {"op": "capture", "dir": snap.inside, "timeout": self.manager.variable_timeout}))
             captured = time.perf_counter()
             report = self._read_report(snap)
             names = [f for v in report["variables"].values() for f in v["files"]]
@@ -400,7 +437,7 @@ class LifecycleMixin:
             }
             work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
         finally:
-            shutil.rmtree(host, ignore_errors=True)
+            snap.remove()
         all_records = list(records.values()) + [r for _, r in (work_files or {}).values()]
         stats = {
             "capture_seconds": round(captured - started, 6),
@@ -428,12 +465,11 @@ class LifecycleMixin:
             manifest)
         return Checkpoint.from_row(registry.checkpoint(checkpoint_id) or {})
 
-    def _ingest_snapshot(self, snap: str, names: list[str]) -> dict[str, FileRecord]:
-        kernel = WorkDir(Path(self._row["session_dir"]) / "kernel")
+    def _ingest_snapshot(self, snap: SnapshotDir, names: list[str]) -> dict[str, FileRecord]:
         store = self.manager.store
 
         def one(name: str) -> FileRecord:
-            with kernel.open_file((snap, name)) as (fd, _):
+            with snap.base.open_file((snap.name, name)) as (fd, _):
                 return store.ingest(f"/proc/self/fd/{fd}")
 
         return dict(zip(names, _POOL.map(one, names), strict=True))
@@ -471,7 +507,9 @@ class LifecycleMixin:
         while the snapshot is exported, since each takes about as long as the other."""
         manifest = cp["manifest"]
         report = ResumeReport(checkpoint=cp["id"])
-        host, inside, snap = self._snapshot_dir()
+        size = sum(v["size"] for v in manifest["variables"].values())
+        snap = self._snapshot_dir(in_memory_bytes=size)
+        inside = snap.inside
         try:
             exporting = asyncio.ensure_future(
                 asyncio.to_thread(self._export_snapshot, cp, snap))
@@ -498,7 +536,7 @@ class LifecycleMixin:
                 await self._run_internal(request_code({"op": "load", "dir": inside,
                                                        "variables": again}))
         finally:
-            shutil.rmtree(host, ignore_errors=True)
+            snap.remove()
         self.manager.registry.renew(self.id)
         return report
 
@@ -536,10 +574,9 @@ class LifecycleMixin:
                 report.lost[name] = why
         return plan.clobbered
 
-    def _export_snapshot(self, cp: dict[str, Any], snap: str) -> None:
+    def _export_snapshot(self, cp: dict[str, Any], snap: SnapshotDir) -> None:
         """The checkpoint's blobs, verified, into the snapshot directory (never through a link)."""
-        kernel = WorkDir(Path(self._row["session_dir"]) / "kernel")
-        staging = Path(self._row["session_dir"]) / "staging" / snap
+        staging = snap.staging
         staging.mkdir(parents=True, exist_ok=True)
         store = self.manager.store
         items = [(f, h) for v in cp["manifest"]["variables"].values() for f, h, _ in v["files"]]
@@ -548,7 +585,7 @@ class LifecycleMixin:
             name, digest = item
             staged = staging / name
             store.export(digest, staged, fsync=False)
-            kernel.place(staged, (snap, name))
+            snap.base.place(staged, (snap.name, name))
 
         try:
             list(_POOL.map(one, items))

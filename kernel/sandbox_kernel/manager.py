@@ -616,6 +616,10 @@ class SessionManager(LoggingConfigurable):
         if pid is not None:
             await _stop_process(pid, self.close_timeout)
         shutil.rmtree(row["session_dir"], ignore_errors=True)
+        shm = SessionLayout(Path(row["session_dir"])).snapshots
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
+            shutil.rmtree(shm.with_name(shm.name + ".staging"), ignore_errors=True)
         for checkpoint in self.registry.checkpoints(row["id"]):  # their content may be gc'd now
             manifest = checkpoint["manifest"]
             for v in manifest["variables"].values():

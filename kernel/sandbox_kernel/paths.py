@@ -20,6 +20,10 @@ def default_home() -> Path:
     return Path(env) if env else Path(jupyter_data_dir()) / "sandbox-kernel"
 
 
+#: Where sessions' snapshot directories live in memory (one per session, bound into it).
+SHM_ROOT = Path("/dev/shm/sandbox-kernel")
+
+
 @dataclass(frozen=True)
 class SessionLayout:
     """The host-side directories of one session; only ``root`` is ever bound into the sandbox.
@@ -53,6 +57,23 @@ class SessionLayout:
     def connection_file(self) -> Path:
         """The connection file as seen from the host, used by every client."""
         return self.kernel / "client.json"
+
+    @property
+    def snapshots(self) -> Path | None:
+        """Shared memory for loading snapshots (see lifecycle), if this host has /dev/shm."""
+        return SHM_ROOT / self.root.name if SHM_ROOT.parent.is_dir() else None
+
+    def make_snapshots(self) -> Path | None:
+        """Create the shared-memory directory; None where there is none to be had."""
+        shm = self.snapshots
+        if shm is None:
+            return None
+        try:
+            SHM_ROOT.mkdir(mode=0o711, exist_ok=True)
+            shm.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            return None
+        return shm
 
     @property
     def socket_prefix(self) -> Path:

@@ -27,6 +27,7 @@ INSIDE_WORK = "/home/sandbox"
 INSIDE_KERNEL = "/run/kernel"
 INSIDE_TMP = "/tmp"
 INSIDE_LAYERS = "/opt/sandbox-kernel/layers"
+INSIDE_SNAPSHOTS = "/run/snapshot"
 LAYERS_ENV = "SANDBOX_KERNEL_LAYERS"
 SANDBOX_UID = 1000
 
@@ -92,6 +93,7 @@ class SandboxLauncher(LoggingConfigurable):
         layers_dir: Path,
     ) -> LaunchPlan:
         conn = str(layout.kernel / "kernel.json")
+        _offer_snapshots(layout)
         env = base_env(str(layout.work), str(layout.tmp), _bin_dirs(command))
         env.update(command.env)
         env.update(user_env)
@@ -188,10 +190,12 @@ class BwrapLauncher(SandboxLauncher):
                 args += ["--tmpfs", path]
         # Package layers: built by the manager, read-only here, new ones visible at once.
         args += ["--ro-bind", str(layers_dir), INSIDE_LAYERS]
+        shm = _offer_snapshots(layout)
         args += [
             "--proc", "/proc",
             "--dev", "/dev",
             "--tmpfs", "/dev/shm",
+            *(["--bind", str(shm), INSIDE_SNAPSHOTS] if shm else []),
             "--bind", str(layout.kernel), INSIDE_KERNEL,
             "--bind", str(layout.work), INSIDE_WORK,
             "--remount-ro", "/",
@@ -211,6 +215,14 @@ class BwrapLauncher(SandboxLauncher):
             work_dir_inside=INSIDE_WORK,
             layers_inside=INSIDE_LAYERS,
         )
+
+
+def _offer_snapshots(layout: SessionLayout) -> Path | None:
+    """The session's shared-memory snapshot directory, marked as reachable by its kernel."""
+    shm = layout.make_snapshots()
+    if shm is not None:
+        (shm / ".bound").touch()
+    return shm
 
 
 def write_etc(etc: Path, uid: int) -> None:
