@@ -61,6 +61,9 @@ def make_manager(home: Path, **config) -> Iterator[SessionManager]:
 def home() -> Iterator[Path]:
     path = short_tmpdir("skt-")
     yield path
+    if (path / "registry.db").exists():  # sessions made through the CLI or a subprocess
+        with make_manager(path):
+            pass
     shutil.rmtree(path, ignore_errors=True)
 
 

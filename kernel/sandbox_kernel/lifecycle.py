@@ -374,12 +374,12 @@ class LifecycleMixin:
     def _snapshot_dir(self, in_memory_bytes: int | None = None) -> SnapshotDir:
         """A fresh directory the kernel reads or writes, seen from both sides.
 
-        Restores go through the session's shared-memory directory when it was
-        bound at launch and has room (``in_memory_bytes``): writing there is
-        several times faster than the disk's page cache, and the kernel maps
-        the files copy-on-write, so the arrays it loads share those pages. The
-        sandbox writes its captures to disk instead, where the page cache can
-        be reclaimed: a pause must not double the memory it is about to free.
+        Snapshots go through the session's shared-memory directory when it was
+        bound at launch and has room for ``in_memory_bytes``: writing there is
+        several times faster than the disk's page cache (and steady, where the
+        disk's speed swings with its writeback), and on restore the kernel maps
+        the files copy-on-write, so the arrays it loads share those pages.
+        Otherwise (``None``, or no room) the kernel's directory on disk is used.
         """
         layout = SessionLayout(Path(self._row["session_dir"]))
         bwrap = self._row["isolation"] == "bwrap"
@@ -420,8 +420,25 @@ class LifecycleMixin:
             raise SandboxError(f"session {self.name!r}: no usable snapshot report ({exc})"
                                ) from None
 
+    def _capture_estimate(self) -> int | None:
+        """How much memory a capture may take in shared memory, or None to use the disk.
+
+        The files a capture writes are charged to the sandbox's memory cgroup when they
+        live in memory, and a pickle is about as large as what it pickles. So memory is
+        used only when the sandbox uses less than 40% of its limit: even a pickle one
+        and a half times its resident size then fits beside it.
+        """
+        usage = self.usage()
+        if usage is None:
+            return None
+        resident = int(usage["memory"])
+        limit = (self._row.get("limits") or {}).get("memory")
+        if limit and resident > 0.4 * limit:
+            return None
+        return int(1.5 * resident)
+
     async def _capture(self, kind: str, name: str | None, files: bool) -> Checkpoint:
-        snap = self._snapshot_dir()
+        snap = self._snapshot_dir(in_memory_bytes=self._capture_estimate())
         started = time.perf_counter()
         try:
             await self._run_internal(request_code(

@@ -48,7 +48,7 @@ from .errors import (
 from .kernelspecs import kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
 from .packages import PackageInstaller, parse_requirements
-from .paths import MAX_SOCKET_PATH, SessionLayout, default_home
+from .paths import MAX_SOCKET_PATH, SHM_ROOT, SessionLayout, default_home
 from .registry import LIVE_STATUSES, Registry
 from .sandbox import supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
@@ -258,9 +258,15 @@ class SessionManager(LoggingConfigurable):
         return f"{launcher.layers_path(self.installer.layers_dir)}/{layer_id}/site-packages"
 
     def gc(self) -> list[str]:
-        """Remove package layers no session uses, and store content nothing references."""
+        """Remove package layers no session uses, store content nothing references, and the
+        shared-memory directories of sessions that are closed."""
         removed = self.installer.gc(self.registry.layers_in_use())
         self.store.gc()
+        if SHM_ROOT.is_dir():
+            for entry in SHM_ROOT.iterdir():
+                row = self.registry.session(entry.name.removesuffix(".staging"))
+                if row is not None and row["status"] == "closed":
+                    shutil.rmtree(entry, ignore_errors=True)
         return removed
 
     def _handle(self, row: dict[str, Any]) -> AsyncSession:
