@@ -134,20 +134,22 @@ def test_checkpoint_restore_and_dedup_of_unchanged_data(manager):
     s = manager.create(name="ck")
     s.run("import numpy as np\nbig = np.random.default_rng(1).random(2_000_000)\nn = 1")
     (Path(s.info()["work_dir"]) / "data.txt").write_text("v1")
+    (Path(s.info()["work_dir"]) / "same.txt").write_text("unchanged")
     first = s.checkpoint("one")
-    assert first.files == 1 and "big" in first.variables
+    assert first.files == 2 and "big" in first.variables
     s.run("n = 2")
     (Path(s.info()["work_dir"]) / "data.txt").write_text("v2, longer")
     second = s.checkpoint()
     # big (16 MB) did not change: its chunks are all reused, only n's pickle and the file are new.
     assert second.stats["chunks_reused"] >= 200, second.stats
     assert second.stats["chunks_new"] <= 3, second.stats
+    assert second.stats["stat_cache_hits"] == 1, second.stats  # same.txt was not even read
     assert [c.id for c in s.checkpoints()] == [first.id, second.id]
 
     report = s.restore("one")
     assert s.run("print(n)").stdout.strip() == "1"
     assert (Path(s.info()["work_dir"]) / "data.txt").read_text() == "v1"
-    assert report.files == 1
+    assert report.files == 1  # data.txt; same.txt was already as it was
     with pytest.raises(InvalidArgument, match="no checkpoint"):
         s.restore("nope")
 

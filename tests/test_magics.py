@@ -195,12 +195,15 @@ def test_magics_in_a_kernel_show_widgets_with_text_fallbacks(tmp_path):
         data = tmp_path / "up.bin"
         data.write_bytes(os.urandom(4 << 20))
         msgs = execute(f"%session upload {data}")
-        states = [m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_open"]
-        updates = [m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_msg"
-                   and m["content"]["data"].get("method") == "update"]
-        progress = [s for s in states if s.get("_model_name") == "FloatProgressModel"]
-        assert progress, "a progress bar model was opened"
-        assert any(u.get("value") == 1.0 for u in updates), "a bar reached 100%"
+        opened = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in msgs
+                  if m["msg_type"] == "comm_open"}
+        total = [cid for cid, st in opened.items()
+                 if st.get("_model_name") == "FloatProgressModel" and st["description"] == "total"]
+        assert len(total) == 1, "the upload's total bar"
+        values = [m["content"]["data"]["state"]["value"] for m in msgs
+                  if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == total[0]
+                  and "value" in m["content"]["data"].get("state", {})]
+        assert values and values[-1] == 1.0, values
         msgs = execute("%session dashboard --refresh 0")
         buttons = [s["description"] for s in (m["content"]["data"]["state"] for m in msgs
                    if m["msg_type"] == "comm_open") if s.get("_model_name") == "ButtonModel"]
