@@ -18,6 +18,7 @@ from typing import Any
 from jupyter_core.application import JupyterApp
 from traitlets import Bool, Float, Int, List, Unicode
 
+from .commands import ago
 from .errors import SandboxError
 from .manager import SessionManager
 from .packages import PackageInstaller
@@ -84,10 +85,10 @@ class ListCommand(_Command):
                  "RUNS")]
         now = time.time()
         for i in infos:
-            lease = (_ago(i["expires_at"] - now) if i["status"] in ("running", "frozen",
+            lease = (ago(i["expires_at"] - now) if i["status"] in ("running", "frozen",
                                                                      "starting") else "-")
             rows.append((i["name"], i["id"], i["status"], i["language"], i["isolation"],
-                         _ago(now - i["created"]), _ago(now - i["last_activity"]), lease,
+                         ago(now - i["created"]), ago(now - i["last_activity"]), lease,
                          str(i["execution_count"])))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
@@ -513,14 +514,6 @@ class SandboxKernelApp(_Command):
             self.print_subcommands()
             self.exit(2)
         self.subapp.start()
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def main(argv: list[str] | None = None) -> None:

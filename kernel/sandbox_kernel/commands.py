@@ -446,12 +446,12 @@ def session_row(i: dict[str, Any], now: float | None = None) -> dict[str, str]:
     live = i["status"] in ("starting", "running", "frozen")
     return {
         "name": i["name"], "status": i["status"], "language": i["language"],
-        "lease": _ago(i["expires_at"] - now) if live else "-",
+        "lease": ago(i["expires_at"] - now) if live else "-",
         "cpu": f"{i['usage']['cpu_seconds']:.1f} s" if i.get("usage") else "-",
         "memory": format_size(i["usage"]["memory"]) if i.get("usage") else "-",
         "packages": str(len(i["packages"])), "files": str(i.get("files", "-")),
         "runs": str(i["execution_count"]),
-        "last run": _ago(now - i["last_activity"]) + " ago",
+        "last run": ago(now - i["last_activity"]) + " ago",
     }
 
 
@@ -529,7 +529,8 @@ def _color(i: int) -> str:
     return _COLORS[i % len(_COLORS)]
 
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
+    """A duration as the tables show it: 45s, 3m, 2h, 1d."""
     seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

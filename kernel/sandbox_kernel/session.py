@@ -434,12 +434,7 @@ class AsyncSession(LifecycleMixin):
             async with self._attach_lock:
                 if self._conn is not None:  # attached meanwhile (a background start)
                     return self._conn
-                row = self.manager._refresh(self.id)
-                self._row = row
-                if row["status"] == "closed":
-                    raise SessionClosed(self.name)
-                if row["status"] == "dead":
-                    raise SessionDead(self.name, row["reason"])
+                row = self._usable_row()
                 if row["status"] == "paused":
                     raise SandboxError(f"session {self.name!r} is paused; resume() it first")
                 self._conn = await self._attach(row)
