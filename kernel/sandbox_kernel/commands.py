@@ -153,7 +153,9 @@ async def _target(ctx: CommandContext, name: str | None) -> AsyncSession:
 async def new(ctx: CommandContext, args: Any) -> CommandOutput:
     """Create a session and make it the current one."""
     session = await ctx.manager._async_create(
-        name=args.name or ctx.default_name(), language=args.language, template=args.template,
+        name=args.name or ctx.default_name(),
+        language=args.language or getattr(ctx, "default_language", lambda: None)(),
+        template=args.template,
         timeout=args.timeout, packages=args.packages, wait=False)
     await ctx.use(session)
     info = session.info()

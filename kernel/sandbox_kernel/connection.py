@@ -67,10 +67,11 @@ def unpack_message(
 
 
 class _Request:
-    __slots__ = ("msg_id", "done", "reply", "idle", "wait_idle", "on_message", "on_stdin")
+    __slots__ = ("msg_id", "done", "reply", "idle", "wait_idle", "on_message", "on_stdin",
+                 "linger")
 
     def __init__(self, msg_id: str, wait_idle: bool, on_message: MessageHook | None,
-                 on_stdin: StdinHook | None):
+                 on_stdin: StdinHook | None, linger: float = 0.0):
         self.msg_id = msg_id
         self.done: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self.reply: Message | None = None
@@ -78,14 +79,26 @@ class _Request:
         self.wait_idle = wait_idle
         self.on_message = on_message
         self.on_stdin = on_stdin
+        self.linger = linger
 
     def _maybe_finish(self) -> None:
         if self.reply is not None and self.idle and not self.done.done():
+            if self.linger:
+                asyncio.get_running_loop().call_later(self.linger, self._finish)
+                self.linger = 0.0
+            else:
+                self.done.set_result(self.reply)
+
+    def _finish(self) -> None:
+        if not self.done.done():
             self.done.set_result(self.reply)
 
 
 class KernelConnection:
-    def __init__(self, connection_file: str, on_unrouted: MessageHook | None = None):
+    def __init__(self, connection_file: str, on_unrouted: MessageHook | None = None,
+                 linger: float = 0.0):
+        """``linger``: seconds a shell request keeps collecting output after its reply and
+        idle status, for kernels whose output can trail them (Deno's, under load)."""
         self.client = AsyncKernelClient(
             connection_file=connection_file, context=zmq.asyncio.Context.instance()
         )
@@ -97,6 +110,7 @@ class KernelConnection:
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._failure: BaseException | None = None
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self.linger = linger
 
     def open(self) -> None:
         ident = self.session.bsession
@@ -147,7 +161,8 @@ class KernelConnection:
             msg["header"].update(header)
         msg_id = msg["header"]["msg_id"]
         idle = channel == "shell" if wait_idle is None else wait_idle
-        req = _Request(msg_id, idle, on_message, on_stdin)
+        req = _Request(msg_id, idle, on_message, on_stdin,
+                       self.linger if channel == "shell" and idle else 0.0)
         self._pending[msg_id] = req
         req.done.add_done_callback(lambda _: self._pending.pop(msg_id, None))
         self.session.send(self._sockets[channel], msg)

@@ -60,6 +60,10 @@ class SandboxKernel(Kernel):
         None, allow_none=True,
         help="Attach to this session (by name or id) instead of the notebook's own.",
     ).tag(config=True)
+    session_language = Unicode(
+        "python", help="The language of the sessions this kernel creates: python, or "
+        "javascript/typescript (Deno).",
+    ).tag(config=True)
     close_on_shutdown = Bool(
         False, help="Close the session when the kernel shuts down (not on restart). "
         "Off: the session stays, subject to its lease.",
@@ -118,7 +122,8 @@ class SandboxKernel(Kernel):
             with contextlib.suppress(SessionClosed, SandboxError):
                 session = await manager.get(wanted)
         if session is None:
-            session = await manager.create(name=_free_name(manager, key), wait=False)
+            session = await manager.create(name=_free_name(manager, key),
+                                           language=self.session_language, wait=False)
         manager.registry.bind(key, session.id)
         return await self._adopt(session)
 
@@ -176,12 +181,19 @@ class SandboxKernel(Kernel):
     def default_name(self) -> str:
         return _free_name(self._manager(), self.binding_key)
 
+    def default_language(self) -> str:
+        return self.session_language
+
     # -- kernel_info ----------------------------------------------------------
 
     @property
     def language_info(self) -> dict[str, Any]:  # type: ignore[override]
         if self._inner_info:
             return self._inner_info["language_info"]
+        if self.session_language in ("javascript", "typescript"):
+            return {"name": self.session_language, "mimetype": "text/typescript",
+                    "file_extension": ".ts" if self.session_language == "typescript" else ".js",
+                    "codemirror_mode": "typescript", "pygments_lexer": "typescript"}
         return {
             "name": "python", "version": platform.python_version(), "mimetype": "text/x-python",
             "codemirror_mode": {"name": "ipython", "version": 3}, "pygments_lexer": "ipython3",

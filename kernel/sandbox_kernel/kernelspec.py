@@ -1,4 +1,4 @@
-"""Install the "Python 3 (sandbox)" kernelspec, the way ``ipykernel install`` does."""
+"""Install the "Python 3 (sandbox)" and "TypeScript (sandbox)" kernelspecs, as ipykernel does."""
 
 from __future__ import annotations
 
@@ -11,27 +11,33 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpecManager
 
 KERNEL_NAME = "sandbox-python"
-_SOURCE = Path(__file__).resolve().parents[2] / "share" / "jupyter" / "kernels" / KERNEL_NAME
+#: Every kernelspec the package ships; the TypeScript one runs Deno in the sandbox.
+KERNEL_NAMES = (KERNEL_NAME, "sandbox-typescript")
+_SOURCES = Path(__file__).resolve().parents[2] / "share" / "jupyter" / "kernels"
 
 
-def spec_source() -> Path:
-    """The kernelspec shipped with the package (a data file, or the source tree's copy)."""
-    if _SOURCE.is_dir():
-        return _SOURCE
-    installed = Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+def spec_source(name: str = KERNEL_NAME) -> Path:
+    """A kernelspec shipped with the package (a data file, or the source tree's copy)."""
+    if (_SOURCES / name).is_dir():
+        return _SOURCES / name
+    installed = Path(sys.prefix) / "share" / "jupyter" / "kernels" / name
     if installed.is_dir():
         return installed
-    raise FileNotFoundError(f"the {KERNEL_NAME} kernelspec is not installed with this package")
+    raise FileNotFoundError(f"the {name} kernelspec is not installed with this package")
 
 
 def install(user: bool = False, prefix: str | None = None) -> str:
-    """Install the kernelspec with this interpreter's absolute path; return where it went."""
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / KERNEL_NAME
-        shutil.copytree(spec_source(), target)
-        spec = json.loads((target / "kernel.json").read_text())
-        spec["argv"][0] = sys.executable
-        (target / "kernel.json").write_text(json.dumps(spec, indent=1))
-        return KernelSpecManager().install_kernel_spec(
-            str(target), KERNEL_NAME, user=user, prefix=prefix
-        )
+    """Install the kernelspecs with this interpreter's absolute path; return where they went."""
+    where = []
+    for name in KERNEL_NAMES:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            shutil.copytree(spec_source(name), target)
+            spec = json.loads((target / "kernel.json").read_text())
+            spec["argv"][0] = sys.executable
+            (target / "kernel.json").write_text(json.dumps(spec, indent=1))
+            where.append(KernelSpecManager().install_kernel_spec(
+                str(target), name, user=user, prefix=prefix))
+        for logo in spec_source(KERNEL_NAME).glob("logo-*"):
+            shutil.copy(logo, Path(where[-1]) / logo.name)
+    return ", ".join(where)

@@ -47,7 +47,37 @@ INNER_IPYKERNEL = (
 )
 
 
+#: Languages run by Deno's Jupyter kernel (TypeScript is its native tongue; JavaScript too).
+DENO_LANGUAGES = ("javascript", "typescript")
+
+
+def deno_executable() -> str | None:
+    """Deno from PATH, else the one the PyPI package ``deno`` put beside this interpreter."""
+    found = shutil.which("deno")
+    if found:
+        return found
+    beside = os.path.join(os.path.dirname(sys.executable), "deno")
+    return beside if os.access(beside, os.X_OK) else None
+
+
 def kernel_command(language: str, python: str) -> KernelCommand:
+    if language in DENO_LANGUAGES:
+        deno = deno_executable()
+        if deno is None:
+            raise InvalidArgument(f"language {language!r} runs on Deno, which is not installed; "
+                                  "`pip install deno` (PyPI) provides it")
+        from .sandbox import tcp_relay
+
+        with open(tcp_relay.__file__) as f:
+            relay = f.read()
+        real = os.path.realpath(deno)
+        return KernelCommand(
+            argv=[python, "-I", "-S", "-c", relay, "{connection_file}", real, "jupyter",
+                  "--kernel", "--conn", "{tcp_connection_file}"],
+            read_only=[*interpreter_prefixes(python), os.path.dirname(real)],
+            env={"DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1"},
+            address_space_limit=False,
+        )
     if language == "python":
         return KernelCommand(
             argv=[python, "-c", INNER_IPYKERNEL, "-f", "{connection_file}"],

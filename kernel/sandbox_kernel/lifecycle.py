@@ -128,7 +128,8 @@ class ResumeReport:
         if self.thawed:
             return "resumed from freeze: memory was kept, nothing to restore"
         lines = [f"restored {len(self.restored)} variables and {len(self.imports)} imports "
-                 f"from checkpoint {self.checkpoint}"]
+                 f"from checkpoint {self.checkpoint}"] if self.restored or self.imports else [
+                 f"resumed from checkpoint {self.checkpoint}"]
         for name, cells in self.replayed.items():
             lines.append(f"rebuilt {name} by replaying cells {cells}")
         for name, why in self.lost.items():
@@ -346,6 +347,16 @@ class LifecycleMixin:
         cp = self._checkpoint_row(checkpoint)
         async with self._lifecycle_lock():
             row = self._usable_row()
+            if cp["manifest"].get("replay") and row["status"] in ("running", "frozen"):
+                # Replay needs a fresh kernel: stop this one as a pause would.
+                if row["status"] == "frozen":
+                    self._thaw(row)
+                await self._ensure_attached(Timing())  # type: ignore[attr-defined]
+                async with self._quiet():
+                    self.manager.registry.transition(self.id, "paused", allowed_from=("running",),
+                                                     reason="restoring a checkpoint")
+                    await self._stop_sandbox()
+                row = self._usable_row()
             if row["status"] == "paused":
                 await self._relaunch(row)
             elif row["status"] == "frozen":
@@ -438,6 +449,8 @@ class LifecycleMixin:
         return int(1.5 * resident)
 
     async def _capture(self, kind: str, name: str | None, files: bool) -> Checkpoint:
+        if self._row["language"] != "python":
+            return await self._capture_by_replay(kind, name, files)
         snap = self._snapshot_dir(in_memory_bytes=self._capture_estimate())
         started = time.perf_counter()
         try:
@@ -482,6 +495,46 @@ class LifecycleMixin:
             manifest)
         return Checkpoint.from_row(registry.checkpoint(checkpoint_id) or {})
 
+    async def _capture_by_replay(self, kind: str, name: str | None, files: bool) -> Checkpoint:
+        """Kernels we cannot pickle (Deno's): the checkpoint is the recorded cells up to now,
+        plus the files; restoring it replays those cells in a fresh kernel."""
+        work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
+        registry = self.manager.registry
+        for _, record in (work_files or {}).values():
+            self.manager.store.add_ref(record.hash)
+        last = registry.last_execution(self.id)
+        manifest = {
+            "variables": {}, "imports": {}, "skipped": {}, "replay": True,
+            "execution_count": (last["execution_count"] or 0) + 1 if last else 1,
+            "files": None if work_files is None else {
+                p: {"hash": r.hash, "size": r.size} for p, (_, r) in work_files.items()},
+            "stats": {"chunks_new": sum(r.new_chunks for _, r in (work_files or {}).values())},
+        }
+        checkpoint_id = registry.add_checkpoint(
+            self.id, name, kind, last["id"] if last else None,
+            last["execution_count"] if last else None, manifest)
+        return Checkpoint.from_row(registry.checkpoint(checkpoint_id) or {})
+
+    async def _restore_by_replay(self, cp: dict[str, Any], files: bool) -> ResumeReport:
+        report = ResumeReport(checkpoint=cp["id"])
+        if files and cp["manifest"].get("files"):
+            report.files = await asyncio.to_thread(self._place_files, cp["manifest"]["files"], cp)
+        cells = [e for e in self.manager.registry.executions(cp["session_id"])
+                 if e["status"] == "ok" and cp["execution_id"] is not None
+                 and e["id"] <= cp["execution_id"]]
+        failed = []
+        for cell in cells:
+            result = await self._run_internal(cell["code"], check=False)
+            if not result.ok:
+                failed.append(f"cell [{cell['execution_count']}]: {result.error['ename']}: "
+                              f"{result.error['evalue']}")
+        report.replayed[f"{self._row['language']} state (not serializable)"] = [
+            c["execution_count"] for c in cells]
+        if failed:
+            report.lost["state of the cells that failed again"] = "; ".join(failed)
+        self.manager.registry.renew(self.id)
+        return report
+
     def _ingest_snapshot(self, snap: SnapshotDir, names: list[str]) -> dict[str, FileRecord]:
         store = self.manager.store
 
@@ -523,6 +576,10 @@ class LifecycleMixin:
         """Load a checkpoint; with ``relaunch`` (a paused session's row), start its sandbox
         while the snapshot is exported, since each takes about as long as the other."""
         manifest = cp["manifest"]
+        if manifest.get("replay"):
+            if relaunch is not None:
+                await self._relaunch(relaunch)
+            return await self._restore_by_replay(cp, files)
         report = ResumeReport(checkpoint=cp["id"])
         size = sum(v["size"] for v in manifest["variables"].values())
         snap = self._snapshot_dir(in_memory_bytes=size)

@@ -557,6 +557,7 @@ class SessionManager(LoggingConfigurable):
             "session_id": session_id, "registry": str(self.registry.path),
             "argv": plan.argv, "env": plan.env, "cwd": plan.cwd, "limits": limits,
             "bwrap": plan.isolation == "bwrap",
+            "address_space_limit": command.address_space_limit,
             "on_expiry": [sys.executable, "-m", "sandbox_kernel.lease", str(self.home),
                           session_id],
         })

@@ -32,6 +32,7 @@ from .errors import (
     SessionDead,
     StartFailed,
 )
+from .kernelspecs import DENO_LANGUAGES
 from .lifecycle import FROZEN_MARK, Checkpoint, LifecycleMixin, ResumeReport
 from .packages import InstallResult
 from .result import ExecutionResult, output_from_message
@@ -462,7 +463,10 @@ class AsyncSession(LifecycleMixin):
             if time.monotonic() > deadline:
                 raise self._start_timed_out(row)
             await asyncio.sleep(0.003)
-        conn = KernelConnection(row["connection_file"], on_unrouted=self._unrouted)
+        # Deno can publish a cell's output after its idle status when the machine is busy.
+        linger = 0.05 if row["language"] in DENO_LANGUAGES else 0.0
+        conn = KernelConnection(row["connection_file"], on_unrouted=self._unrouted,
+                                linger=linger)
         conn.open()
         self._opening = conn
         try:

@@ -39,6 +39,9 @@ class KernelCommand:
     argv: list[str]
     read_only: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    #: False for kernels that reserve more address space than they use (V8 reserves
+    #: gigabytes up front): their memory is bounded by the cgroup alone, not RLIMIT_AS.
+    address_space_limit: bool = True
 
 
 @dataclass

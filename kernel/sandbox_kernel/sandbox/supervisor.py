@@ -153,8 +153,11 @@ class Supervisor:
         )
         has = self.cgroups.dirs
         root = os.getuid() == 0
+        as_limit = self.plan.get("address_space_limit", True)
         return {
-            "memory": "cgroup+rlimit" if "memory" in has else "rlimit",
+            "memory": ("cgroup+rlimit" if as_limit else "cgroup") if "memory" in has else (
+                "rlimit" if as_limit else "none (no memory cgroup, and the kernel's V8 "
+                "reserves more address space than RLIMIT_AS would allow)"),
             "processes": "cgroup" if "pids" in has else (
                 "none (RLIMIT_NPROC does not bind root)" if root else "rlimit"
             ),
@@ -169,6 +172,8 @@ class Supervisor:
         for name, which in _RLIMITS.items():
             value = self.limits.get(name)
             if value is None or (name == "processes" and "pids" in self.cgroups.dirs):
+                continue
+            if name == "memory" and not self.plan.get("address_space_limit", True):
                 continue
             resource.setrlimit(which, (value, value))
 
