@@ -6,14 +6,27 @@ unix sockets our clients use, so the sandbox keeps its private network.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import json
 import socket
+import tarfile
 import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import nbformat
+import pytest
 from IPython.testing.globalipapp import start_ipython
 from nbclient import NotebookClient
+from traitlets.config import Config
 
-from .conftest import needs_bwrap
+from sandbox_kernel.errors import InvalidArgument
+
+from .conftest import make_manager, needs_bwrap
 
 pytestmark = needs_bwrap
 
@@ -30,6 +43,12 @@ def test_state_streams_and_errors_with_their_stack(manager):
     assert failed.status == "error" and failed.error["ename"] == "TypeError"
     assert failed.error["evalue"] == "bad input"
     assert any("at inner" in line for line in failed.error["traceback"]), failed.error
+    # Files a cell writes are artifacts, as in Python sessions.
+    assert s.run("await Deno.writeTextFile('out.txt', 'from deno')").ok
+    deadline = time.monotonic() + 10
+    while not s.artifacts(path="out.txt") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s.artifacts(path="out.txt")[0].read() == b"from deno"
 
 
 def test_the_js_sandbox_cannot_reach_the_hosts_loopback(manager):
@@ -62,6 +81,8 @@ def test_pause_and_resume_rebuild_state_by_replay(manager):
     report = s.last_resume
     assert list(report.replayed.values()) == [[1, 2]]
     assert "by replaying cells [1, 2]" in str(report)
+    assert s.pause(mode="freeze")["status"] == "frozen"
+    assert s.run("console.log(count)").stdout == "42\n"  # memory kept, thawed by the run
 
 
 def test_typescript_kernelspec_runs_a_notebook_through_nbclient(kernel_home):
@@ -84,3 +105,54 @@ def test_session_new_with_a_language_from_the_magic(manager, capsys):
                       "console.log(JSON.stringify(xs.map(x => x * 2)))")
     assert capsys.readouterr().out.endswith("[2,4,6]\n")
     assert manager.get("tsmagic").info()["language"] == "typescript"
+
+
+def _npm_registry(root: Path) -> tuple[str, ThreadingHTTPServer]:
+    """A local npm registry with one package, so the test needs no network."""
+    package = io.BytesIO()
+    with tarfile.open(fileobj=package, mode="w:gz") as tar:
+        for name, text in {
+            "package/package.json": json.dumps({"name": "sk-hello", "version": "1.2.0",
+                                                "type": "module", "main": "index.js"}),
+            "package/index.js": "export const hello = (n) => `hello ${n} from npm`;\n",
+        }.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tgz = package.getvalue()
+    (root / "sk-hello-1.2.0.tgz").write_bytes(tgz)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode()
+    (root / "sk-hello").write_text(json.dumps({
+        "name": "sk-hello", "dist-tags": {"latest": "1.2.0"},
+        "versions": {"1.2.0": {
+            "name": "sk-hello", "version": "1.2.0", "dependencies": {},
+            "dist": {"tarball": f"{url}sk-hello-1.2.0.tgz", "integrity": integrity,
+                     "shasum": hashlib.sha1(tgz).hexdigest()}}},
+    }))
+    server.RequestHandlerClass = partial(SimpleHTTPRequestHandler, directory=str(root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return url, server
+
+
+def test_npm_package_fetched_outside_imports_with_no_network_inside(home, tmp_path):
+    url, server = _npm_registry(tmp_path)
+    try:
+        with make_manager(home, isolation="bwrap",
+                          config=Config({"DenoPackages": {"registry_url": url}})) as m:
+            s = m.create(name="npm", language="javascript", packages=["npm:sk-hello@1.2.0"])
+            assert s.last_install.cache_hit is False and "fetch" in s.last_install.timing
+            out = s.run("import { hello } from 'npm:sk-hello@1.2.0';\nconsole.log(hello('js'))")
+            assert out.stdout == "hello js from npm\n", (out.stdout, out.error)
+            # The sandbox itself has no network: the registry is on the host's loopback.
+            probe = s.run(f"try {{ await fetch('{url}sk-hello'); console.log('reached') }} "
+                          "catch (e) { console.log('no network') }")
+            assert probe.stdout == "no network\n"
+            again = m.create(name="npm2", language="typescript").install(["npm:sk-hello@1.2.0"])
+            assert again.cache_hit and "fetch" not in again.timing
+            with pytest.raises(InvalidArgument, match="not a Deno package"):
+                s.install(["https://evil.example/x.js"])
+    finally:
+        server.shutdown()

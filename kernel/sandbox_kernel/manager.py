@@ -35,6 +35,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import portal
 from .artifacts import ArtifactPolicy
+from .deno_packages import DenoPackages, parse_specs
 from .errors import (
     InvalidArgument,
     NameTaken,
@@ -45,7 +46,7 @@ from .errors import (
     StartFailed,
     TooManySessions,
 )
-from .kernelspecs import kernel_command
+from .kernelspecs import DENO_LANGUAGES, deno_executable, kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
 from .packages import PackageInstaller, parse_requirements
 from .paths import MAX_SOCKET_PATH, SHM_ROOT, SessionLayout, default_home
@@ -140,6 +141,7 @@ class SessionManager(LoggingConfigurable):
         super().__init__(**kwargs)
         self._registry: Registry | None = None
         self._store: ContentStore | None = None
+        self._deno: DenoPackages | None = None
         self._sessions: dict[str, AsyncSession] = {}
         self._pool_starting: dict[str, int] = {}
         self._pool_tasks: set[asyncio.Task[None]] = set()
@@ -151,6 +153,37 @@ class SessionManager(LoggingConfigurable):
         if self._registry is None:
             self._registry = Registry(Path(self.home) / "registry.db")
         return self._registry
+
+    @property
+    def deno_packages(self) -> DenoPackages:
+        """npm:/jsr: packages of JavaScript and TypeScript sessions (a cache shared by all)."""
+        if self._deno is None:
+            self._deno = DenoPackages(Path(self.home), self.registry, parent=self)
+        return self._deno
+
+    def _kernel_command(self, language: str) -> Any:
+        command = kernel_command(language, self.python)
+        if language in DENO_LANGUAGES:
+            env = self.deno_packages.sandbox_env()
+            command.env.update(env)
+            command.read_only.append(env["DENO_DIR"])
+        return command
+
+    def _parse_packages(self, language: str, packages: Iterable[str]) -> list[str]:
+        if language in DENO_LANGUAGES:
+            return parse_specs(list(packages))
+        return [str(r) for r in parse_requirements(packages,
+                                                   self.installer.allow_direct_references)]
+
+    def _install(self, language: str, requested: list[str], have: list[str],
+                 layers: list[str]) -> Any:
+        """Packages for a session of ``language``: uv layers for Python, Deno's cache for JS."""
+        if language in DENO_LANGUAGES:
+            deno = deno_executable()
+            if deno is None:
+                raise StartFailed("Deno is not installed; `pip install deno`")
+            return self.deno_packages.install(deno, requested, have)
+        return self.installer.install(self.python, requested, have, layers)
 
     def _launcher(self) -> SandboxLauncher:
         if self.isolation != "process":
@@ -316,8 +349,7 @@ class SessionManager(LoggingConfigurable):
         on_timeout = on_timeout or self.default_on_timeout
         if on_timeout not in ("pause", "close"):
             raise InvalidArgument(f"on_timeout must be 'pause' or 'close', got {on_timeout!r}")
-        requested = [str(r) for r in parse_requirements(packages or [],
-                                                        self.installer.allow_direct_references)]
+        requested = self._parse_packages(language, packages or [])
         if not _pooled:
             claimed = self._claim_pooled(name, language, timeout, tags, env, limits, requested,
                                          on_timeout, parent_id)
@@ -325,7 +357,7 @@ class SessionManager(LoggingConfigurable):
                 return await self._finish_create(claimed, None, files, recipe, wait)
             self._check_capacity()
         launcher = self._launcher()
-        command = kernel_command(language, self.python)
+        command = self._kernel_command(language)
         layout = SessionLayout(Path(self.home) / "sessions" / session_id)
         if len(f"{layout.socket_prefix}-{max(PORTS.values())}") > MAX_SOCKET_PATH:
             raise InvalidArgument(
@@ -348,7 +380,7 @@ class SessionManager(LoggingConfigurable):
             layout.make()
             install = None
             if requested:
-                install = await asyncio.to_thread(self.installer.install, self.python, requested)
+                install = await asyncio.to_thread(self._install, language, requested, [], [])
                 self.registry.update(session_id, packages={"requested": install.all_requested,
                                                            "layers": install.layers})
             # Off the event loop: spawning the supervisor blocks for tens of milliseconds,
@@ -478,7 +510,7 @@ class SessionManager(LoggingConfigurable):
         else:
             launcher = SandboxLauncher(parent=self)
         layout = SessionLayout(Path(row["session_dir"]))
-        command = kernel_command(row["language"], self.python)
+        command = self._kernel_command(row["language"])
         if not self.registry.transition(row["id"], "starting", allowed_from=("paused",),
                                         reason="resuming"):
             raise SessionBusy(f"session {row['name']!r} changed state while it was resumed")
@@ -518,7 +550,7 @@ class SessionManager(LoggingConfigurable):
             raise InvalidArgument("setup is Python source code, a string")
         recipe = {"language": language, "packages": requested, "files": stored,
                   "setup": setup, "env": _check_env(env)}
-        kernel_command(language, self.python)  # an unknown language fails now, not at create
+        self._kernel_command(language)  # an unknown language fails now, not at create
         self.registry.save_template(name, recipe)
         return recipe
 

@@ -289,8 +289,9 @@ class AsyncSession(LifecycleMixin):
             if row["status"] == "closed":
                 raise SessionClosed(self.name)
             current = row["packages"]
+            requested = self.manager._parse_packages(row["language"], list(packages))
             result = await asyncio.to_thread(
-                self.manager.installer.install, self.manager.python, list(packages),
+                self.manager._install, row["language"], requested,
                 current.get("requested", []), current.get("layers", []))
             self.manager.registry.update(self.id, packages={"requested": result.all_requested,
                                                             "layers": result.layers})
