@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 from nbclient import NotebookClient
 from traitlets.config import Config
@@ -98,7 +99,7 @@ def test_typescript_kernelspec_runs_a_notebook_through_nbclient(kernel_home):
 def test_session_new_with_a_language_from_the_magic(manager, capsys):
     from sandbox_magics import SessionMagics
 
-    ip = start_ipython()
+    ip = start_ipython() or get_ipython()  # one global shell per process
     ip.register_magics(SessionMagics(ip, manager=manager))
     ip.run_line_magic("session", "new tsmagic --language typescript")
     ip.run_cell_magic("session", "", "const xs: number[] = [1, 2, 3];\n"

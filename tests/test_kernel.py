@@ -324,11 +324,14 @@ def test_kernelspec_and_install(tmp_path):
     assert spec["interrupt_mode"] == "message"
     from sandbox_kernel.kernelspec import install
 
-    where = Path(install(prefix=str(tmp_path)))
-    installed = json.loads((where / "kernel.json").read_text())
-    assert installed["argv"][0] == os.path.realpath(installed["argv"][0]) or os.path.isabs(
-        installed["argv"][0])
-    assert where == tmp_path / "share/jupyter/kernels/sandbox-python"
+    python_spec, ts_spec = (Path(p) for p in install(prefix=str(tmp_path)))
+    installed = json.loads((python_spec / "kernel.json").read_text())
+    assert os.path.isabs(installed["argv"][0])
+    assert python_spec == tmp_path / "share/jupyter/kernels/sandbox-python"
+    typescript = json.loads((ts_spec / "kernel.json").read_text())
+    assert typescript["display_name"] == "TypeScript (sandbox)"
+    assert "--SandboxKernel.session_language=typescript" in typescript["argv"]
+    assert (ts_spec / "logo-64x64.png").exists()
 
 
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb")

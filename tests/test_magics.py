@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 from jupyter_client.manager import start_new_kernel
 
@@ -22,7 +23,7 @@ pytestmark = needs_bwrap
 @pytest.fixture(scope="module")
 def shell():
     home = short_tmpdir("skmag-")
-    ip = start_ipython()
+    ip = start_ipython() or get_ipython()  # one global shell per process
     with make_manager(home, isolation="bwrap") as manager:
         from sandbox_magics import SessionMagics
 

@@ -383,7 +383,8 @@ class InstallCommand(_Command):
             where = install(user=self.user, prefix=prefix)
         except OSError as exc:
             self.fail(f"cannot install the kernelspec: {exc}")
-        print(f"installed kernelspec sandbox-python in {where}")
+        for path in where:
+            print(f"installed kernelspec {Path(path).name} in {path}")
 
 
 class UploadCommand(_Command):

@@ -26,7 +26,7 @@ def spec_source(name: str = KERNEL_NAME) -> Path:
     raise FileNotFoundError(f"the {name} kernelspec is not installed with this package")
 
 
-def install(user: bool = False, prefix: str | None = None) -> str:
+def install(user: bool = False, prefix: str | None = None) -> list[str]:
     """Install the kernelspecs with this interpreter's absolute path; return where they went."""
     where = []
     for name in KERNEL_NAMES:
@@ -40,4 +40,4 @@ def install(user: bool = False, prefix: str | None = None) -> str:
                 str(target), name, user=user, prefix=prefix))
         for logo in spec_source(KERNEL_NAME).glob("logo-*"):
             shutil.copy(logo, Path(where[-1]) / logo.name)
-    return ", ".join(where)
+    return where
