@@ -263,3 +263,23 @@ def test_create_with_files_and_cli_round_trip(manager, files, tmp_path):
     bad = subprocess.run([cli, "upload", "seeded", str(f), "--dest=../x"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("sandbox-kernel: error:")
+
+
+def test_a_file_that_shrinks_while_stored_does_not_kill_the_process(tmp_path):
+    """The store reads files; a mapped file that shrinks raises SIGBUS (a test run met it,
+    when a sandbox rewrote a file its recorder was storing). In a subprocess, so that a
+    regression fails this test instead of killing pytest."""
+    code = (
+        "import os, threading, time\n"
+        "from sandbox_kernel.store import ContentStore\n"
+        f"store = ContentStore({str(tmp_path / 's')!r})\n"
+        f"path = {str(tmp_path / 'f.bin')!r}\n"
+        "open(path, 'wb').write(os.urandom(256 << 20))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.02), os.truncate(path, 4096))).start()\n"
+        "record = store.ingest(path)\n"
+        "print('stored', record.size < 256 << 20)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+    assert out.stdout.startswith("stored")

@@ -24,9 +24,18 @@ def chunker() -> FastCDC:
     return FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
 
 
-def cut(path: str | Path) -> Iterator[memoryview]:
-    for chunk in chunker().cut_file(str(path)):
-        yield chunk.data
+def cut(path: str | Path) -> Iterator[bytes]:
+    """The file's chunks, read (not mapped) and copied out of the cutter's buffer.
+
+    Not ``cut_file``: it maps the file, and a file that shrinks while mapped (a
+    sandbox rewriting its output while we record it as an artifact) kills the
+    whole process with SIGBUS; a test run met exactly that. ``cut_stream``
+    reuses one buffer for every chunk, and the store holds a batch of chunks
+    at a time, so each chunk is copied out.
+    """
+    with open(path, "rb", buffering=0) as f:
+        for chunk in chunker().cut_stream(f):
+            yield bytes(chunk.data)
 
 
 def chunk_hash(data: bytes | memoryview) -> str:
