@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +112,10 @@ def kernel_home() -> Iterator[Path]:
     else:
         os.environ["SANDBOX_KERNEL_HOME"] = old
     shutil.rmtree(path, ignore_errors=True)
+
+
+def probe(session, code: str) -> Any:
+    """Run ``code`` (which sets ``out``) in the sandbox and return ``out``, via JSON."""
+    r = session.run(textwrap.dedent(code) + "\nimport json; print(json.dumps(out))")
+    assert r.ok, r.error
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -15,16 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from .conftest import needs_bwrap
+from .conftest import needs_bwrap, probe
 
 pytestmark = needs_bwrap
-
-
-def probe(session, code: str) -> object:
-    """Run ``code`` (which sets ``out``) in the sandbox and return ``out``."""
-    r = session.run(textwrap.dedent(code) + "\nimport json; print(json.dumps(out))")
-    assert r.ok, r.error
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_cannot_see_the_registry_other_sessions_or_their_kernel_keys(manager):

@@ -16,16 +16,9 @@ import pytest
 
 from sandbox_kernel.errors import ExecutionTimeout
 
-from .conftest import needs_bwrap
+from .conftest import needs_bwrap, probe
 
 pytestmark = needs_bwrap
-
-
-def probe(session, code: str) -> dict:
-    """Run ``code`` (which sets ``out``) in the sandbox and return ``out``."""
-    r = session.run(textwrap.dedent(code) + "\nimport json; print(json.dumps(out))")
-    assert r.ok, r.error
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_cannot_read_a_secret_planted_in_the_host_home(session):
