@@ -404,6 +404,12 @@ class LifecycleMixin:
         else:
             base, inside_base = layout.kernel, INSIDE_KERNEL if bwrap else str(layout.kernel)
             staging = layout.root / "staging"
+        # The lifecycle lock is held: any other snapshot directory was left by a client
+        # killed mid-pause or mid-resume, and is garbage now.
+        for where in (layout.kernel, layout.snapshots):
+            if where is not None and where.is_dir():
+                for stale in where.glob("snap-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
         (base / name).mkdir(mode=0o700)
         return SnapshotDir(base=WorkDir(base), name=name, inside=f"{inside_base}/{name}",
                            staging=staging / name)
