@@ -474,60 +474,61 @@ class LifecycleMixin:
             work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
         finally:
             snap.remove()
-        all_records = list(records.values()) + [r for _, r in (work_files or {}).values()]
-        stats = {
-            "capture_seconds": round(captured - started, 6),
-            "store_seconds": round(time.perf_counter() - captured, 6),
-            "bytes": sum(r.size for r in all_records),
-            "chunks_new": sum(r.new_chunks for r in all_records),
-            "chunks_reused": sum(r.reused_chunks for r in all_records),
-            "bytes_written": sum(r.bytes_written for r in all_records),
-            "stat_cache_hits": sum(1 for r in all_records if r.stat_cache_hit),
-        }
+        stats = {"capture_seconds": round(captured - started, 6),
+                 "store_seconds": round(time.perf_counter() - captured, 6)}
         manifest = {
             "variables": variables, "imports": report["imports"], "skipped": report["skipped"],
             "execution_count": report["execution_count"],
-            "files": None if work_files is None else {
-                p: {"hash": r.hash, "size": r.size} for p, (_, r) in work_files.items()},
-            "stats": stats,
         }
-        store = self.manager.store
-        for r in all_records:
-            store.add_ref(r.hash)
-        registry = self.manager.registry
-        last = registry.last_execution(self.id)
-        checkpoint_id = registry.add_checkpoint(
-            self.id, name, kind, last["id"] if last else None, report["execution_count"] - 1,
-            manifest)
-        return Checkpoint.from_row(registry.checkpoint(checkpoint_id) or {})
+        return self._save_checkpoint(kind, name, manifest, list(records.values()), work_files,
+                                     stats, count=report["execution_count"] - 1)
 
     async def _capture_by_replay(self, kind: str, name: str | None, files: bool) -> Checkpoint:
         """Kernels we cannot pickle (Deno's): the checkpoint is the recorded cells up to now,
         plus the files; restoring it replays those cells in a fresh kernel."""
         work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
-        registry = self.manager.registry
-        for _, record in (work_files or {}).values():
-            self.manager.store.add_ref(record.hash)
-        last = registry.last_execution(self.id)
-        manifest = {
-            "variables": {}, "imports": {}, "skipped": {}, "replay": True,
-            "execution_count": (last["execution_count"] or 0) + 1 if last else 1,
-            "files": None if work_files is None else {
-                p: {"hash": r.hash, "size": r.size} for p, (_, r) in work_files.items()},
-            "stats": {"chunks_new": sum(r.new_chunks for _, r in (work_files or {}).values())},
+        last = self.manager.registry.last_execution(self.id)
+        manifest = {"variables": {}, "imports": {}, "skipped": {}, "replay": True,
+                    "execution_count": (last["execution_count"] or 0) + 1 if last else 1}
+        return self._save_checkpoint(kind, name, manifest, [], work_files, {},
+                                     count=last["execution_count"] if last else None)
+
+    def _save_checkpoint(self, kind: str, name: str | None, manifest: dict[str, Any],
+                         records: list[FileRecord],
+                         work_files: dict[str, tuple[int, FileRecord]] | None,
+                         stats: dict[str, Any], count: int | None) -> Checkpoint:
+        """Record a checkpoint: its files in the manifest, its figures, a reference per blob."""
+        every = records + [r for _, r in (work_files or {}).values()]
+        manifest["files"] = None if work_files is None else {
+            p: {"hash": r.hash, "size": r.size} for p, (_, r) in work_files.items()}
+        manifest["stats"] = {
+            **stats,
+            "bytes": sum(r.size for r in every),
+            "chunks_new": sum(r.new_chunks for r in every),
+            "chunks_reused": sum(r.reused_chunks for r in every),
+            "bytes_written": sum(r.bytes_written for r in every),
+            "stat_cache_hits": sum(1 for r in every if r.stat_cache_hit),
         }
+        for r in every:
+            self.manager.store.add_ref(r.hash)
+        registry = self.manager.registry
+        last = registry.last_execution(self.id)
         checkpoint_id = registry.add_checkpoint(
-            self.id, name, kind, last["id"] if last else None,
-            last["execution_count"] if last else None, manifest)
+            self.id, name, kind, last["id"] if last else None, count, manifest)
         return Checkpoint.from_row(registry.checkpoint(checkpoint_id) or {})
+
+    def _cells_until(self, cp: dict[str, Any]) -> list[dict[str, Any]]:
+        """The recorded runs of the checkpoint's session up to the checkpoint, oldest first."""
+        if cp["execution_id"] is None:
+            return []
+        return [e for e in self.manager.registry.executions(cp["session_id"])
+                if e["id"] <= cp["execution_id"]]
 
     async def _restore_by_replay(self, cp: dict[str, Any], files: bool) -> ResumeReport:
         report = ResumeReport(checkpoint=cp["id"])
         if files and cp["manifest"].get("files"):
             report.files = await asyncio.to_thread(self._place_files, cp["manifest"]["files"], cp)
-        cells = [e for e in self.manager.registry.executions(cp["session_id"])
-                 if e["status"] == "ok" and cp["execution_id"] is not None
-                 and e["id"] <= cp["execution_id"]]
+        cells = [e for e in self._cells_until(cp) if e["status"] == "ok"]
         failed = []
         for cell in cells:
             result = await self._run_internal(cell["code"], check=False)
@@ -623,8 +624,7 @@ class LifecycleMixin:
     async def _replay_missing(self, cp: dict[str, Any], missing: dict[str, str],
                               report: ResumeReport) -> set[str]:
         """Replay what rebuilds ``missing``; name what stays lost. The names replay overwrote."""
-        history = [e for e in self.manager.registry.executions(cp["session_id"])
-                   if cp["execution_id"] is not None and e["id"] <= cp["execution_id"]]
+        history = self._cells_until(cp)
         available = set(report.restored) | set(report.imports)
         plan = plan_replay(history, missing, available)
         failures = []
