@@ -110,6 +110,8 @@ class AsyncSession(LifecycleMixin):
         self._keep_alive = False
         self._lease_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        #: Checked before every cell (see ready()): built once.
+        self._frozen_mark = str(Path(row["session_dir"]) / FROZEN_MARK)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} id={self.id}>"
@@ -233,8 +235,7 @@ class AsyncSession(LifecycleMixin):
 
     def ready(self) -> bool:
         """Attached and neither paused nor frozen: a cell can be sent at once."""
-        return self._conn is not None and not os.path.exists(
-            Path(self._row["session_dir"]) / FROZEN_MARK)
+        return self._conn is not None and not os.path.exists(self._frozen_mark)
 
     def _begin_run(self) -> None:
         """Hold the shared busy lock while cells run, so that a pause waits for them."""
@@ -566,17 +567,14 @@ class AsyncSession(LifecycleMixin):
         """Renew while kept alive or running; ends with the session (or its manager)."""
         registry = self.manager.registry
         try:
-            while True:
-                row = registry.session(self.id)
-                if row is None or row["status"] in ("closed", "dead"):
-                    return
+            row = registry.session(self.id)
+            while row is not None and row["status"] not in ("closed", "dead"):
                 threshold = self.manager.renew_threshold
                 await asyncio.sleep(max(0.2, min(30.0, threshold / 4, row["timeout"] / 4)))
-                if not (self._keep_alive or self._inflight):
-                    continue
-                fresh = registry.session(self.id)
-                if (fresh and fresh["status"] == "running"
-                        and fresh["last_activity"] + fresh["timeout"] - time.time() < threshold):
+                row = registry.session(self.id)
+                if (row is not None and (self._keep_alive or self._inflight)
+                        and row["status"] == "running"
+                        and row["last_activity"] + row["timeout"] - time.time() < threshold):
                     registry.renew(self.id)
         except Exception:  # noqa: BLE001 - a closed registry: the manager is gone
             return

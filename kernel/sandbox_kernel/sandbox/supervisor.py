@@ -180,37 +180,38 @@ class Supervisor:
     def _wait(self) -> None:
         assert self.child is not None
         pidfd = os.pidfd_open(self.child.pid)
+        tick = TICK_SECONDS
         try:
-            while not select.select([pidfd], [], [], self._tick())[0]:
-                with contextlib.suppress(Exception):  # the registry may be busy: next tick
-                    self._check_lease()
+            while not select.select([pidfd], [], [], tick)[0]:
+                try:
+                    tick = self._check_lease()
+                except Exception:  # the registry may be busy: next tick
+                    tick = TICK_SECONDS
         finally:
             os.close(pidfd)
 
-    def _tick(self) -> float:
-        """Check the lease every few seconds; more often for short leases (tests, agents)."""
-        row = self.registry.session(self.plan["session_id"]) if self.registry else None
-        timeout = row["timeout"] if row else TICK_SECONDS
-        return max(0.5, min(TICK_SECONDS, timeout / 4))
-
-    def _check_lease(self) -> None:
+    def _check_lease(self) -> float:
         """Enforce the lease with no client alive: past expiry, start the expiry helper.
 
         The helper (``python -m sandbox_kernel.lease``) pauses or closes the
         session as its ``on_timeout`` says; pausing needs the full environment
         (the store, jupyter_client), which this stdlib-only process does not load.
-        A helper that fails is retried a minute later.
+        A helper that fails is retried a minute later. Returns the seconds until
+        the next check: a few, fewer for short leases (tests, agents).
         """
         if self.registry is None:
             self.registry = Registry(self.plan["registry"])
-        if self.expiry is not None and self.expiry.poll() is None:
-            return
         row = self.registry.session(self.plan["session_id"])
-        if row is None or row["status"] not in ("running", "frozen"):
-            return
+        if row is None:
+            return TICK_SECONDS
+        tick = max(0.5, min(TICK_SECONDS, row["timeout"] / 4))
+        if self.expiry is not None and self.expiry.poll() is None:
+            return tick
+        if row["status"] not in ("running", "frozen"):
+            return tick
         now = time.time()
         if now < row["last_activity"] + row["timeout"] or now - self.expiry_started < 60:
-            return
+            return tick
         self.expiry_started = now
         log = open(self.session_dir / "supervisor.log", "ab")  # noqa: SIM115 - the child's
         self.expiry = subprocess.Popen(
@@ -218,6 +219,7 @@ class Supervisor:
             start_new_session=True, close_fds=True,
         )
         log.close()
+        return tick
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
