@@ -17,10 +17,15 @@ from typing import Any
 
 import ipywidgets as w
 
-from sandbox_kernel.commands import CommandOutput, render_insights, render_timing, session_row
+from sandbox_kernel.commands import (
+    CommandOutput,
+    render_insights,
+    render_sessions,
+    render_timing,
+    session_row,
+    stage_color,
+)
 from sandbox_kernel.limits import format_size
-
-_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2")
 
 
 class _WithFallback:
@@ -117,12 +122,12 @@ class TimingView(_WithFallback, w.VBox):
         stages = [(k, v) for k, v in timing.items() if k != "total"]
         self.segments = [
             w.HTML(f"<div title='{html.escape(k)}: {v * 1000:.1f} ms' style='height:14px;"
-                   f"background:{_COLORS[i % len(_COLORS)]}'></div>",
+                   f"background:{stage_color(i)}'></div>",
                    layout=w.Layout(width=f"{max(0.5, 100 * v / total):.1f}%", margin="0"))
             for i, (k, v) in enumerate(stages)
         ]
         legend = " ".join(
-            f"<span style='color:{_COLORS[i % len(_COLORS)]}'>■</span> {html.escape(k)} "
+            f"<span style='color:{stage_color(i)}'>■</span> {html.escape(k)} "
             f"{v * 1000:.1f} ms" for i, (k, v) in enumerate(stages))
         self.stages = dict(timing)
         super().__init__([
@@ -199,7 +204,7 @@ class Dashboard(_WithFallback, w.VBox):
             self.table.children = [c for c in self.table.children
                                    if c is not self.rows[gone]["box"]]
             del self.rows[gone]
-        self.fallback = _sessions_output(infos)
+        self.fallback = render_sessions(infos)
 
     def _new_row(self, session_id: str) -> dict[str, Any]:
         cells = {c: _cell("") for c in COLUMNS}
@@ -233,12 +238,6 @@ class Dashboard(_WithFallback, w.VBox):
     def close(self) -> None:
         self.stop()
         super().close()
-
-
-def _sessions_output(infos: list[dict[str, Any]]) -> CommandOutput:
-    from sandbox_kernel.commands import render_sessions
-
-    return render_sessions(infos)
 
 
 def _cell(value: str) -> w.HTML:

@@ -499,7 +499,7 @@ def render_timing(timing: dict[str, float] | None) -> CommandOutput:
         lines.append(f"{stage:10} {seconds * 1000:10.1f} ms {share}")
     bar = "".join(
         f"<div title='{_esc(s)}' style='display:inline-block;height:12px;width:"
-        f"{max(1.0, 100 * v / total):.1f}%;background:{_color(i)}'></div>"
+        f"{max(1.0, 100 * v / total):.1f}%;background:{stage_color(i)}'></div>"
         for i, (s, v) in enumerate(timing.items()) if s != "total" and total)
     markup = f"<div style='width:100%'>{bar}</div><pre>{_esc(chr(10).join(lines))}</pre>"
     return CommandOutput("\n".join(lines), markup, data={"view": "timing", "timing": timing})
@@ -527,7 +527,8 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> CommandOutput:
 _COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2")
 
 
-def _color(i: int) -> str:
+def stage_color(i: int) -> str:
+    """The colour of the ``i``-th stage, the same in HTML tables and in the widgets."""
     return _COLORS[i % len(_COLORS)]
 
 
