@@ -93,6 +93,24 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
+def run_all(browser, lab: dict, notebook: str, kernel_label: str, kernel_name: str,
+            viewport: dict, dialog_shot: str | None = None):
+    """Open ``notebook`` in JupyterLab, pick the kernel in its dialog, run every cell."""
+    page = browser.new_page(viewport=viewport)
+    page.goto(f"{lab['base']}/lab/tree/{notebook}?token={lab['token']}")
+    page.wait_for_selector(".jp-Dialog", timeout=60_000)
+    if dialog_shot:
+        screenshot(page, dialog_shot)
+    dialog = page.locator(".jp-Dialog")
+    dialog.locator("select").select_option(label=kernel_label)
+    dialog.locator("button.jp-mod-accept").click()
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.name"
+        f" === '{kernel_name}'", timeout=60_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    return page
+
+
 def test_lab_runs_cells_in_the_sandbox_kernel(lab, browser):
     _notebook(lab["root"] / "browser.ipynb", [
         "import os\nprint('sandbox says', 6 * 7, 'from', os.getcwd())",
@@ -101,17 +119,8 @@ def test_lab_runs_cells_in_the_sandbox_kernel(lab, browser):
         "ax.plot([1, 3, 2])\nbuf = io.BytesIO(); fig.savefig(buf, format='png')\n"
         "Image(buf.getvalue())",
     ])
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(f"{lab['base']}/lab/tree/browser.ipynb?token={lab['token']}")
-    page.wait_for_selector(".jp-Dialog", timeout=60_000)
-    screenshot(page, "lab-kernel-dialog")
-    dialog = page.locator(".jp-Dialog")
-    dialog.locator("select").select_option(label="Python 3 (sandbox)")
-    dialog.locator("button.jp-mod-accept").click()
-    page.wait_for_function(
-        "() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.name"
-        " === 'sandbox-python'", timeout=60_000)
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page = run_all(browser, lab, "browser.ipynb", "Python 3 (sandbox)", "sandbox-python",
+                   viewport={"width": 1280, "height": 900}, dialog_shot="lab-kernel-dialog")
     page.wait_for_selector("text=sandbox says 42 from /home/sandbox", timeout=120_000)
     page.wait_for_selector(".jp-OutputArea-output img", timeout=120_000)
     shot = screenshot(page, "lab-sandbox-kernel")
@@ -138,16 +147,8 @@ def test_lab_magics_dashboard_progress_and_session_cells(lab, browser, kernel_ho
         f"%session upload {blob}",
         "%session dashboard --refresh 1",
     ])
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{lab['base']}/lab/tree/magics.ipynb?token={lab['token']}")
-    page.wait_for_selector(".jp-Dialog", timeout=60_000)
-    dialog = page.locator(".jp-Dialog")
-    dialog.locator("select").select_option(label="Python 3 (ipykernel)")
-    dialog.locator("button.jp-mod-accept").click()
-    page.wait_for_function(
-        "() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.name"
-        " === 'python3'", timeout=60_000)
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page = run_all(browser, lab, "magics.ipynb", "Python 3 (ipykernel)", "python3",
+                   viewport={"width": 1400, "height": 1000})
     page.wait_for_selector("text=hello from the sandbox 42", timeout=120_000)
     # The total bar of the upload's progress widget (ipywidgets' FloatProgress).
     page.wait_for_selector(".widget-hprogress:has-text('total') "
