@@ -29,7 +29,6 @@ from sandbox_kernel.commands import (
     CommandOutput,
     _with_usage,
     run_command,
-    usage,
 )
 from sandbox_kernel.errors import SandboxError
 from sandbox_kernel.manager import SessionManager
@@ -285,7 +284,3 @@ def widgets_shown(shell: Any) -> bool:
     except ImportError:
         return False
     return True
-
-
-def session_help() -> str:
-    return usage(None).text

@@ -351,11 +351,11 @@ class SessionManager(LoggingConfigurable):
             raise InvalidArgument(f"on_timeout must be 'pause' or 'close', got {on_timeout!r}")
         requested = self._parse_packages(language, packages or [])
         if not _pooled:
+            self._check_capacity()  # a warm sandbox, once claimed, is live like any other
             claimed = self._claim_pooled(name, language, timeout, tags, env, limits, requested,
                                          on_timeout, parent_id)
             if claimed is not None:
                 return await self._finish_create(claimed, None, files, recipe, wait)
-            self._check_capacity()
         launcher = self._launcher()
         command = self._kernel_command(language)
         layout = SessionLayout(Path(self.home) / "sessions" / session_id)
@@ -446,7 +446,6 @@ class SessionManager(LoggingConfigurable):
         default_limits = validate_limits(self.default_limits, DEFAULT_LIMITS)
         if not self.pool_size.get(language) or env or requested or limits != default_limits:
             return None
-        self._check_capacity()
         now = time.time()
         try:
             row = self.registry.claim_pooled(language, {
