@@ -25,7 +25,6 @@ import os
 import pickle
 import signal
 import sys
-import time
 import types
 from typing import Any
 
@@ -98,7 +97,6 @@ def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, 
                 report["imports"][name] = value.__name__
                 continue
             buffers: list[pickle.PickleBuffer] = []
-            began = time.perf_counter()
             try:
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, per_variable_timeout)
@@ -124,7 +122,6 @@ def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, 
             report["variables"][name] = {
                 "files": files, "type": f"{type(value).__module__}.{type(value).__qualname__}",
                 "size": len(data) + sum(r.nbytes for r in raws), "pickler": how,
-                "seconds": round(time.perf_counter() - began, 6),
             }
     finally:
         if use_alarm:
@@ -173,16 +170,14 @@ def load(shell: Any, in_dir: str, variables: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(shell: Any, in_dir: str, variables: dict[str, Any]) -> dict[str, Any]:
-    report: dict[str, Any] = {"restored": [], "failed": {}, "seconds": {}}
+    report: dict[str, Any] = {"restored": [], "failed": {}}
     for name, entry in variables.items():
-        began = time.perf_counter()
         try:
             files = entry["files"]
             data = _read(os.path.join(in_dir, files[0]), writable=False)
             buffers = [_read(os.path.join(in_dir, f), writable=True) for f in files[1:]]
             shell.user_ns[name] = pickle.loads(data, buffers=buffers)
             report["restored"].append(name)
-            report["seconds"][name] = round(time.perf_counter() - began, 6)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -205,7 +200,6 @@ def restore(shell: Any, in_dir: str, request: dict[str, Any]) -> dict[str, Any]:
     loaded = load(shell, in_dir, request.get("variables", {}))
     report["restored"] = loaded["restored"]
     report["failed"].update(loaded["failed"])
-    report["seconds"] = loaded["seconds"]
     if request.get("execution_count") and not request.get("reset"):
         # A new interpreter continues the numbering. A restore in place does not go back:
         # IPython's history database refuses a line number twice.
