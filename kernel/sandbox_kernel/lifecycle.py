@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="sandbox-kernel-snapshot")
-FROZEN_MARK = "frozen"
+#: Present while a session is frozen or paused (or being paused): attached clients check
+#: it before every cell, so a session suspended by another client is resumed, never run
+#: on a kernel that is being stopped.
+SUSPENDED_MARK = "suspended"
 
 
 @dataclass
@@ -208,6 +211,7 @@ class LifecycleMixin:
                 with timing.stage("pause"):
                     checkpoint = await self._capture("pause", None, files=False)
                     self.manager.registry.update(self.id, checkpoint_id=checkpoint.id)
+                    self._mark_suspended(True)
                     if not self.manager.registry.transition(
                             self.id, "paused", allowed_from=("running",),
                             reason="paused; resume() or any run brings it back"):
@@ -250,11 +254,13 @@ class LifecycleMixin:
             await _stop_process(old, self.manager.close_timeout)
         self._detach()  # type: ignore[attr-defined]
         self.manager._relaunch(row)
+        self._mark_suspended(False)
         self._row = self.manager._refresh(self.id)
         await self._ensure_attached(Timing())  # type: ignore[attr-defined]
 
     async def _back_to_paused(self) -> None:
         """A resume that failed: stop the new sandbox, so nothing runs without its state."""
+        self._mark_suspended(True)
         self.manager.registry.transition(self.id, "paused", allowed_from=("running", "starting"),
                                          reason="paused; its last resume failed")
         await self._stop_sandbox()
@@ -267,6 +273,13 @@ class LifecycleMixin:
         self._detach()  # type: ignore[attr-defined]
         if pid is not None:
             await _stop_process(pid, self.manager.close_timeout)
+
+    def _mark_suspended(self, on: bool) -> None:
+        mark = Path(self._row["session_dir"]) / SUSPENDED_MARK
+        if on:
+            mark.touch()
+        else:
+            mark.unlink(missing_ok=True)
 
     def _usable_row(self) -> dict[str, Any]:
         row = self.manager._refresh(self.id)
@@ -308,7 +321,7 @@ class LifecycleMixin:
         for proc in self._sandbox_processes(row):
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGSTOP)
-        (Path(row["session_dir"]) / FROZEN_MARK).touch()
+        self._mark_suspended(True)
         self.manager.registry.transition(self.id, "frozen", allowed_from=("running",),
                                          reason="frozen: memory kept; resume() continues it")
 
@@ -316,7 +329,7 @@ class LifecycleMixin:
         for proc in self._sandbox_processes(row):
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGCONT)
-        (Path(row["session_dir"]) / FROZEN_MARK).unlink(missing_ok=True)
+        self._mark_suspended(False)
         self.manager.registry.transition(self.id, "running", allowed_from=("frozen",))
         self.manager.registry.renew(self.id)
 
@@ -353,6 +366,7 @@ class LifecycleMixin:
                     self._thaw(row)
                 await self._ensure_attached(Timing())  # type: ignore[attr-defined]
                 async with self._quiet():
+                    self._mark_suspended(True)
                     self.manager.registry.transition(self.id, "paused", allowed_from=("running",),
                                                      reason="restoring a checkpoint")
                     await self._stop_sandbox()

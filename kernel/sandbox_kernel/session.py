@@ -33,7 +33,7 @@ from .errors import (
     StartFailed,
 )
 from .kernelspecs import DENO_LANGUAGES
-from .lifecycle import FROZEN_MARK, Checkpoint, LifecycleMixin, ResumeReport
+from .lifecycle import SUSPENDED_MARK, Checkpoint, LifecycleMixin, ResumeReport
 from .packages import InstallResult
 from .result import ExecutionResult, output_from_message
 from .timing import Timing
@@ -111,7 +111,7 @@ class AsyncSession(LifecycleMixin):
         self._lease_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         #: Checked before every cell (see ready()): built once.
-        self._frozen_mark = str(Path(row["session_dir"]) / FROZEN_MARK)
+        self._suspended_mark = str(Path(row["session_dir"]) / SUSPENDED_MARK)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} id={self.id}>"
@@ -235,7 +235,7 @@ class AsyncSession(LifecycleMixin):
 
     def ready(self) -> bool:
         """Attached and neither paused nor frozen: a cell can be sent at once."""
-        return self._conn is not None and not os.path.exists(self._frozen_mark)
+        return self._conn is not None and not os.path.exists(self._suspended_mark)
 
     def _begin_run(self) -> None:
         """Hold the shared busy lock while cells run, so that a pause waits for them."""
