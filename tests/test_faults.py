@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .conftest import make_manager, needs_bwrap
 
@@ -45,3 +46,46 @@ def test_client_killed_mid_pause_leaves_the_session_whole(home):
             "import os\nprint([n for d in ('/run/kernel', '/run/snapshot') "
             "for n in os.listdir(d) if n.startswith('snap-')])")
         assert leftovers.stdout.strip() == "[]", leftovers.stdout
+
+
+FAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"), Path("libfaketime"))
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_a_wall_clock_jump_neither_ends_a_lease_early_nor_keeps_it_for_ever(home, tmp_path):
+    """libfaketime moves the wall clock of a client and the supervisors it starts.
+
+    The client creates a session with a long lease and one with a short lease
+    and exits, so only the supervisors enforce them. The clock is set back three
+    days: the short lease still runs out in seconds. Then it jumps three days
+    ahead: the long lease is not cut. Nothing is lost either way.
+    """
+    assert FAKETIME.exists(), "libfaketime is installed by scripts/install-system-deps.sh"
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home), "LD_PRELOAD": str(FAKETIME),
+           "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1",
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    create = ("from sandbox_kernel import SessionManager\n"
+              "m = SessionManager(isolation='bwrap')\n"
+              "assert m.create(name='long', timeout=600).run('x = 1').ok\n"
+              "assert m.create(name='short', timeout=4).run('y = 2').ok\n")
+    subprocess.run([sys.executable, "-c", create], env=env, check=True, timeout=120)
+    with make_manager(home, isolation="bwrap") as m:
+        clock.write_text("-3d\n")
+        assert _wait_for(lambda: m.get_info("short")["status"] == "paused", 30), \
+            m.get_info("short")
+        clock.write_text("+3d\n")
+        time.sleep(12)  # two of the supervisor's lease checks
+        assert m.get_info("long")["status"] == "running", m.get_info("long")
+        assert 540 < m.get_info("long")["expires_at"] - time.time() <= 600
+        assert m.get("long").run("print(x)").stdout == "1\n"
+        assert m.get("short").run("print(y)").stdout == "2\n"

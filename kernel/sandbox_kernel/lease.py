@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from . import portal
 from .errors import SandboxError, SessionBusy
 from .manager import SessionManager
+from .registry import lease_left
 
 log = logging.getLogger("sandbox_kernel.lease")
 
@@ -25,7 +25,7 @@ def expire(home: str, session_id: str) -> str:
     row = manager.registry.session(session_id)
     if row is None or row["status"] not in ("running", "frozen"):
         return "nothing: the session is not running"
-    if time.time() < row["last_activity"] + row["timeout"]:
+    if lease_left(row) > 0:
         return "nothing: the lease was renewed"
     if row["on_timeout"] == "close":
         manager.close(session_id)

@@ -50,7 +50,7 @@ from .kernelspecs import DENO_LANGUAGES, deno_executable, kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
 from .packages import PackageInstaller, parse_requirements
 from .paths import MAX_SOCKET_PATH, SHM_ROOT, SessionLayout, default_home
-from .registry import LIVE_STATUSES, Registry
+from .registry import LIVE_STATUSES, Registry, lease_clock, lease_left
 from .sandbox import supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
 from .session import PORTS, AsyncSession, Session
@@ -272,7 +272,7 @@ class SessionManager(LoggingConfigurable):
             "pid": row["supervisor_pid"],
             "packages": row["packages"].get("requested", []),
             "layers": row["packages"].get("layers", []),
-            "expires_at": row["last_activity"] + row["timeout"],
+            "expires_at": time.time() + lease_left(row),
             "on_timeout": row["on_timeout"],
             "parent": row["parent_id"],
             "checkpoint": row["checkpoint_id"],
@@ -450,7 +450,8 @@ class SessionManager(LoggingConfigurable):
         try:
             row = self.registry.claim_pooled(language, {
                 "name": name, "tags": tags, "timeout": float(timeout), "on_timeout": on_timeout,
-                "parent_id": parent_id, "created": now, "last_activity": now})
+                "parent_id": parent_id, "created": now, "last_activity": now,
+                "active_clock": lease_clock()})
         except sqlite3.IntegrityError:
             raise NameTaken(name) from None
         if row is None:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     on_timeout TEXT NOT NULL DEFAULT 'pause',
     parent_id TEXT,
     checkpoint_id INTEGER,
-    pooled INTEGER NOT NULL DEFAULT 0
+    pooled INTEGER NOT NULL DEFAULT 0,
+    active_clock REAL NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name
     ON sessions(name) WHERE status NOT IN ('closed');
@@ -128,7 +129,24 @@ _MIGRATIONS = {
         "ALTER TABLE sessions ADD COLUMN parent_id TEXT",
         "ALTER TABLE sessions ADD COLUMN checkpoint_id INTEGER",
         "ALTER TABLE sessions ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0"],
+    5: ["ALTER TABLE sessions ADD COLUMN active_clock REAL NOT NULL DEFAULT 0",
+        "UPDATE sessions SET active_clock = last_activity + (:clock_offset)"],
 }
+
+
+def lease_clock() -> float:
+    """The clock leases run on: seconds since boot (CLOCK_BOOTTIME), shared by every process.
+
+    Setting the wall clock does not move it, so a lease neither expires at once
+    when the clock jumps ahead nor lasts for ever when it is set back; the wall
+    clock is kept for display only.
+    """
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def lease_left(row: dict[str, Any]) -> float:
+    """Seconds until a session's lease runs out (negative once it has)."""
+    return row["active_clock"] + row["timeout"] - lease_clock()
 
 
 class Registry:
@@ -148,7 +166,10 @@ class Registry:
         with self._lock:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version < SCHEMA_VERSION:
-                steps = [sql for v, sqls in sorted(_MIGRATIONS.items()) if version and v > version
+                # Wall-clock times of old rows translate to the lease clock by today's offset.
+                offset = repr(lease_clock() - time.time())
+                steps = [sql.replace(":clock_offset", offset)
+                         for v, sqls in sorted(_MIGRATIONS.items()) if version and v > version
                          for sql in sqls]
                 # executescript manages its own transaction: make it one, all or nothing.
                 self._db.executescript(
@@ -177,7 +198,7 @@ class Registry:
 
     def insert_session(self, row: dict[str, Any]) -> None:
         """Insert a new session; raises sqlite3.IntegrityError when the name is taken."""
-        row = _encode(row)
+        row = _encode({"active_clock": lease_clock(), **row})
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self.transaction() as db:
@@ -245,11 +266,11 @@ class Registry:
             )
             return cur.rowcount == 1
 
-    def renew(self, session_id: str, at: float | None = None) -> None:
+    def renew(self, session_id: str) -> None:
         """Activity: the lease runs ``timeout`` seconds from now again."""
         with self.transaction() as db:
-            db.execute("UPDATE sessions SET last_activity=MAX(last_activity, ?) WHERE id=?",
-                       (time.time() if at is None else at, session_id))
+            db.execute("UPDATE sessions SET last_activity=?, active_clock=MAX(active_clock, ?) "
+                       "WHERE id=?", (time.time(), lease_clock(), session_id))
 
     def claim_pooled(self, language: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """Take one warm sandbox of ``language`` out of the pool, renamed; None if none is ready.
@@ -472,9 +493,9 @@ class Registry:
             )
             execution_id = int(cur.lastrowid or 0)
             db.execute(
-                "UPDATE sessions SET last_activity=?, "
+                "UPDATE sessions SET last_activity=?, active_clock=MAX(active_clock, ?), "
                 "execution_count=MAX(execution_count, COALESCE(?, 0)) WHERE id=?",
-                (now, execution_count, session_id),
+                (now, lease_clock(), execution_count, session_id),
             )
         return execution_id
 

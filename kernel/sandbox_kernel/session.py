@@ -35,6 +35,7 @@ from .errors import (
 from .kernelspecs import DENO_LANGUAGES
 from .lifecycle import SUSPENDED_MARK, Checkpoint, LifecycleMixin, ResumeReport
 from .packages import InstallResult
+from .registry import lease_left
 from .result import ExecutionResult, output_from_message
 from .timing import Timing
 from .transfer import DownloadGroup, UploadCommit, upload_paths
@@ -574,7 +575,7 @@ class AsyncSession(LifecycleMixin):
                 row = registry.session(self.id)
                 if (row is not None and (self._keep_alive or self._inflight)
                         and row["status"] == "running"
-                        and row["last_activity"] + row["timeout"] - time.time() < threshold):
+                        and lease_left(row) < threshold):
                     registry.renew(self.id)
         except Exception:  # noqa: BLE001 - a closed registry: the manager is gone
             return

@@ -269,6 +269,9 @@ def _bwrap_works(path: str) -> bool:
         result = subprocess.run(
             [path, "--unshare-user", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/",
              "--", "/bin/true"],
+            # The clean environment real launches give bwrap, not this process's
+            # (an LD_PRELOAD meant for the client must not decide the answer).
+            env={"PATH": os.environ.get("PATH", os.defpath)},
             stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandbox_kernel.registry import Registry
+from sandbox_kernel.registry import Registry, lease_left
 from sandbox_kernel.sandbox.cgroups import Cgroups
 
 PLAN_FILE = "launch.json"
@@ -93,7 +93,7 @@ class Supervisor:
         self.cgroups = Cgroups()
         self.registry: Registry | None = None
         self.expiry: subprocess.Popen[bytes] | None = None
-        self.expiry_started = 0.0
+        self.expiry_started = float("-inf")
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -209,8 +209,8 @@ class Supervisor:
             return tick
         if row["status"] not in ("running", "frozen"):
             return tick
-        now = time.time()
-        if now < row["last_activity"] + row["timeout"] or now - self.expiry_started < 60:
+        now = time.monotonic()
+        if lease_left(row) > 0 or now - self.expiry_started < 60:
             return tick
         self.expiry_started = now
         log = open(self.session_dir / "supervisor.log", "ab")  # noqa: SIM115 - the child's
