@@ -7,11 +7,18 @@ session) sees every variable.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import pytest
+
+from sandbox_kernel.errors import SessionDead
 
 from .conftest import make_manager, needs_bwrap
 
@@ -89,3 +96,40 @@ def test_a_wall_clock_jump_neither_ends_a_lease_early_nor_keeps_it_for_ever(home
         assert 540 < m.get_info("long")["expires_at"] - time.time() <= 600
         assert m.get("long").run("print(x)").stdout == "1\n"
         assert m.get("short").run("print(y)").stdout == "2\n"
+
+
+def test_sandbox_killed_mid_run_is_reported_and_revived_from_its_checkpoint(manager):
+    s = manager.create(name="crashy")
+    assert s.run("import numpy as np\na = np.arange(1_000_000)\nx = 1").ok
+    cp = s.checkpoint("before")
+    assert s.run("x += 1\nopen('kept.txt', 'w').write('written before the kill')").ok
+    assert not s.run("1/0").ok  # a failed cell is not replayed
+    sandbox_pid = json.loads((s.work_dir.parent / "supervisor.json").read_text())["sandbox_pid"]
+    killer = threading.Timer(1.0, os.kill, (sandbox_pid, signal.SIGKILL))
+    killer.start()
+    with pytest.raises(SessionDead) as died:
+        s.run("import time\nfor i in range(600):\n    time.sleep(0.1)")
+    killer.join()
+    message = str(died.value)
+    assert "SIGKILL" in message and f"checkpoint {cp.id}" in message and "resume" in message
+    info = manager.get_info("crashy")
+    assert info["status"] == "dead" and "SIGKILL" in info["reason"]
+    assert (s.work_dir / "kept.txt").read_text() == "written before the kill"
+    with pytest.raises(SessionDead, match=f"checkpoint {cp.id}"):
+        manager.get("crashy").run("x")
+    report = manager.get("crashy").resume()
+    assert report.checkpoint == cp.id and "a" in report.restored
+    assert list(report.replayed.values()) == [[2]], report  # `x += 1`, not the failing cell
+    assert not report.lost, report
+    assert manager.get_info("crashy")["status"] == "running"
+    out = manager.get("crashy").run("print(x, int(a.sum()))")
+    assert out.stdout == f"2 {sum(range(1_000_000))}\n", out
+
+
+def test_a_dead_session_without_checkpoints_says_to_close_it(manager):
+    s = manager.create(name="plain")
+    with pytest.raises(SessionDead, match="close it"):
+        s.run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(SessionDead, match="close it"):
+        manager.get("plain").resume()
+    assert manager.get_info("plain")["status"] == "dead"

@@ -32,13 +32,17 @@ class SessionClosed(SandboxError):
 class SessionDead(SandboxError):
     """The sandbox process ended without being asked to."""
 
-    def __init__(self, key: str, reason: str | None):
-        super().__init__(
-            f"session {key!r} is dead ({reason or 'reason unknown'}); "
-            f"close it with `sandbox-kernel close {key}` and create a new session"
-        )
+    def __init__(self, key: str, reason: str | None, checkpoint: int | None = None):
+        if checkpoint is None:
+            then = f"close it with `sandbox-kernel close {key}` and create a new session"
+        else:
+            then = (f"resume() (`sandbox-kernel resume {key}`) starts it again from its "
+                    f"checkpoint {checkpoint} and replays the cells run since, or close it "
+                    f"with `sandbox-kernel close {key}`")
+        super().__init__(f"session {key!r} is dead ({reason or 'reason unknown'}); {then}")
         self.key = key
         self.reason = reason
+        self.checkpoint = checkpoint
 
 
 class InvalidArgument(SandboxError, ValueError):

@@ -215,19 +215,28 @@ class LifecycleMixin:
                     if not self.manager.registry.transition(
                             self.id, "paused", allowed_from=("running",),
                             reason="paused; resume() or any run brings it back"):
-                        raise SessionDead(self.name, self.manager._refresh(self.id)["reason"])
+                        raise self._dead(self.manager._refresh(self.id)["reason"])
                     await self._stop_sandbox()
         return {"status": "paused", "checkpoint": checkpoint.id, "skipped": checkpoint.skipped,
                 "size": checkpoint.size, "timing": dict(timing.finish())}
 
     async def resume(self, checkpoint: int | None = None,
                      timing: Timing | None = None) -> ResumeReport:
-        """Bring a paused or frozen session back (runs and attaches do this on their own)."""
+        """Bring a paused or frozen session back (runs and attaches do this on their own).
+
+        A dead session (its sandbox killed or crashed) with a checkpoint starts
+        again from that checkpoint, and the cells that succeeded after it are
+        replayed; a dead session without one stays dead.
+        """
         timing = timing if timing is not None else Timing()
         t = time.perf_counter()
         async with self._lifecycle_lock():
-            row = self._usable_row()
-            if row["status"] == "frozen":
+            row = self.manager._refresh(self.id)
+            if row["status"] != "dead":
+                row = self._usable_row()
+            if row["status"] == "dead":
+                report = await self._revive(row, checkpoint)
+            elif row["status"] == "frozen":
                 self._thaw(row)
                 report = ResumeReport(checkpoint=None, thawed=True)
             elif row["status"] != "paused":
@@ -244,6 +253,36 @@ class LifecycleMixin:
         timing["resume"] = timing.get("resume", 0.0) + time.perf_counter() - t
         report.timing = dict(timing)
         self.last_resume = report
+        return report
+
+    async def _revive(self, row: dict[str, Any], checkpoint: int | str | None) -> ResumeReport:
+        """A dead session back from a checkpoint, plus the good cells run after it."""
+        self._row = row
+        chosen = checkpoint if checkpoint is not None else \
+            self.manager.registry.last_checkpoint_id(self.id)
+        if chosen is None:
+            raise self._dead(row["reason"])
+        cp = self._checkpoint_row(chosen)
+        try:
+            report = await self._restore_from(cp, reset=False, files=False, relaunch=row)
+        except SnapshotDamaged:
+            await self._back_to_paused()
+            raise
+        later = [e for e in self.manager.registry.executions(self.id)
+                 if cp["execution_id"] is None or e["id"] > cp["execution_id"]]
+        replayed, failed = [], []
+        for cell in later:
+            if cell["status"] != "ok":
+                continue
+            result = await self._run_internal(cell["code"], check=False)
+            replayed.append(cell["execution_count"])
+            if not result.ok:
+                failed.append(f"cell [{cell['execution_count']}]: {result.error['ename']}: "
+                              f"{result.error['evalue']}")
+        if replayed:
+            report.replayed[f"the cells run after checkpoint {cp['id']}"] = replayed
+        if failed:
+            report.lost["state of the cells that failed again"] = "; ".join(failed)
         return report
 
     async def _relaunch(self, row: dict[str, Any]) -> None:
@@ -287,8 +326,12 @@ class LifecycleMixin:
         if row["status"] == "closed":
             raise SessionClosed(self.name)
         if row["status"] == "dead":
-            raise SessionDead(self.name, row["reason"])
+            raise self._dead(row["reason"])
         return row
+
+    def _dead(self, reason: str | None) -> SessionDead:
+        """The error for a dead session, naming the checkpoint resume() would start from."""
+        return SessionDead(self.name, reason, self.manager.registry.last_checkpoint_id(self.id))
 
     # -- freeze ------------------------------------------------------------------
 

@@ -500,7 +500,7 @@ class SessionManager(LoggingConfigurable):
     # -- resume: the same session, a new sandbox -------------------------------
 
     def _relaunch(self, row: dict[str, Any]) -> None:
-        """Start a paused session's sandbox again, with its packages and settings."""
+        """Start a paused (or dead) session's sandbox again, with its packages and settings."""
         self._check_capacity()
         if row["isolation"] == "bwrap":
             launcher = self._launcher()
@@ -511,7 +511,7 @@ class SessionManager(LoggingConfigurable):
             launcher = SandboxLauncher(parent=self)
         layout = SessionLayout(Path(row["session_dir"]))
         command = self._kernel_command(row["language"])
-        if not self.registry.transition(row["id"], "starting", allowed_from=("paused",),
+        if not self.registry.transition(row["id"], "starting", allowed_from=("paused", "dead"),
                                         reason="resuming"):
             raise SessionBusy(f"session {row['name']!r} changed state while it was resumed")
         try:
@@ -520,7 +520,7 @@ class SessionManager(LoggingConfigurable):
             self._start_supervisor(row["id"], layout)
             self.registry.renew(row["id"])
         except BaseException as exc:
-            self.registry.transition(row["id"], "paused", allowed_from=("starting",),
+            self.registry.transition(row["id"], row["status"], allowed_from=("starting",),
                                      reason=f"its resume failed: {exc}")
             raise
 

@@ -316,6 +316,12 @@ class Registry:
                                     (session_id,)).fetchall()
         return [dict(r) | {"manifest": json.loads(r["manifest"])} for r in rows]
 
+    def last_checkpoint_id(self, session_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(id) FROM checkpoints WHERE session_id=?",
+                                   (session_id,)).fetchone()
+        return row[0]
+
     def checkpoint(self, checkpoint_id: int) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM checkpoints WHERE id=?",

@@ -535,7 +535,7 @@ class AsyncSession(LifecycleMixin):
             self._gone = SandboxError(f"session {self.name!r} was paused while this request "
                                       "waited; run it again (that resumes the session)")
         else:
-            self._gone = SessionDead(self.name, row["reason"])
+            self._gone = self._dead(row["reason"])
         conn, self._conn = self._conn or self._opening, None
         if conn is not None:
             conn.fail(self._gone)
