@@ -60,6 +60,20 @@ def make_manager(home: Path, **config) -> Iterator[SessionManager]:
         manager.registry.close()
 
 
+@pytest.fixture(scope="session")
+def wheelhouse() -> Iterator[Path]:
+    """Wheels built here, so that installs need no network."""
+    from .wheels import build_wheel
+
+    d = short_tmpdir("skw-")
+    build_wheel(d, "skdemo-alpha", "1.0")
+    build_wheel(d, "skdemo-alpha", "2.0")
+    build_wheel(d, "skdemo-beta", "1.0", requires=["skdemo-alpha>=1.0"])
+    build_wheel(d, "skdemo-gamma", "1.0")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def home() -> Iterator[Path]:
     path = short_tmpdir("skt-")

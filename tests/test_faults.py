@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sandbox_kernel.errors import SessionDead
@@ -133,3 +134,63 @@ def test_a_dead_session_without_checkpoints_says_to_close_it(manager):
     with pytest.raises(SessionDead, match="close it"):
         manager.get("plain").resume()
     assert manager.get_info("plain")["status"] == "dead"
+
+
+INSTALL = """
+from sandbox_kernel import SessionManager
+m = SessionManager(isolation="bwrap")
+i = m.installer
+i.find_links, i.no_index, i.offline, i.cache_dir = [{wheels!r}], True, True, {cache!r}
+m.get("pkgs").install([{spec!r}])
+"""
+
+
+def _offline_installer(manager, wheelhouse, home) -> None:
+    i = manager.installer
+    i.find_links, i.no_index, i.offline = [str(wheelhouse)], True, True
+    i.cache_dir = str(home / "uv-cache")
+
+
+def _kill_when(client: subprocess.Popen, moment, seconds: float = 60) -> None:
+    """SIGKILL the client at the first poll where ``moment()`` is true."""
+    deadline = time.monotonic() + seconds
+    while not moment():
+        assert client.poll() is None, "the client finished before the moment to kill it"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    client.kill()
+    client.wait()
+
+
+def test_client_killed_mid_install_leaves_no_half_built_layer(home, wheelhouse):
+    env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
+    layers_dir = home / "layers"
+
+    def resolving(client):  # uv is running, no layer is being built yet
+        return lambda: any(p.name() == "uv" for p in psutil.Process(client.pid).children())
+
+    def building(client):  # uv is writing a layer
+        return lambda: any(layers_dir.glob(".build-*/site-packages/*"))
+
+    with make_manager(home, isolation="bwrap") as m:
+        _offline_installer(m, wheelhouse, home)
+        assert m.create(name="pkgs").run("x = 1").ok
+        for spec, moment in (("skdemo-gamma", resolving), ("skdemo-beta", building)):
+            code = INSTALL.format(wheels=str(wheelhouse), cache=str(home / "uv-cache"),
+                                  spec=spec)
+            client = subprocess.Popen([sys.executable, "-c", code], env=env)
+            _kill_when(client, moment(client))
+            # What the session records is whole: nothing, or complete layers.
+            assert m.registry.find("pkgs")["packages"].get("layers", []) == []
+            assert m.get("pkgs").run("print(x)").stdout == "1\n"
+            assert not m.get("pkgs").run("import skdemo_beta").ok
+            m.installer.gc(m.registry.layers_in_use())  # skips a build an orphaned uv holds
+        result = m.get("pkgs").install(["skdemo-beta", "skdemo-gamma"])
+        assert m.get("pkgs").run("import skdemo_beta, skdemo_alpha, skdemo_gamma").ok
+        assert all((layers_dir / layer / ".complete").exists() for layer in result.layers)
+        in_use = m.registry.layers_in_use()
+        # Once a killed client's orphaned uv has exited, gc clears what it built.
+        assert _wait_for(lambda: m.installer.gc(in_use) == []
+                         and not any(layers_dir.glob(".build-*")), 30)
+        assert {p.name for p in layers_dir.iterdir() if not p.name.startswith(".")} \
+            == set(result.layers)

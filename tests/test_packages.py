@@ -12,18 +12,7 @@ import pytest
 from sandbox_kernel.errors import InvalidArgument
 from sandbox_kernel.packages import InstallFailed, parse_requirements
 
-from .conftest import make_manager, short_tmpdir
-from .wheels import build_wheel
-
-
-@pytest.fixture(scope="module")
-def wheelhouse() -> Path:
-    d = short_tmpdir("skw-")
-    build_wheel(d, "skdemo-alpha", "1.0")
-    build_wheel(d, "skdemo-alpha", "2.0")
-    build_wheel(d, "skdemo-beta", "1.0", requires=["skdemo-alpha>=1.0"])
-    build_wheel(d, "skdemo-gamma", "1.0")
-    return d
+from .conftest import make_manager
 
 
 @pytest.fixture

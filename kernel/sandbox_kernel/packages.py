@@ -280,8 +280,13 @@ class PackageInstaller(LoggingConfigurable):
         """The layer holding exactly ``pins``; build it unless it exists. True if built."""
         layer_id = _digest({"pins": sorted(pins.items()), "python": python_tag(python)})[:16]
         path = self.layer_path(layer_id)
-        with self._lock(layer_id):
+        with self._lock(layer_id) as lock_fd:
+            # Builds of this layer that still exist were cut short (we hold their lock).
+            for leftover in self.layers_dir.glob(f".build-{layer_id}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
             if (path / _COMPLETE).exists():
+                if self.registry.layer(layer_id) is None:  # its builder died before recording it
+                    self.registry.store_layer(layer_id, pins, python_tag(python), _tree_size(path))
                 self.registry.touch_layer(layer_id)
                 return layer_id, False
             tmp = Path(tempfile.mkdtemp(prefix=f".build-{layer_id}-", dir=self.layers_dir))
@@ -289,7 +294,8 @@ class PackageInstaller(LoggingConfigurable):
                 self._uv("pip", "install", "--no-deps", "--target", str(tmp / "site-packages"),
                          "--python", python, "--quiet", *self._index_args(),
                          *(f"{n}=={v}" for n, v in sorted(pins.items())),
-                         action="install " + ", ".join(f"{n}=={v}" for n, v in pins.items()))
+                         action="install " + ", ".join(f"{n}=={v}" for n, v in pins.items()),
+                         hold=(lock_fd,))
                 (tmp / "site-packages" / ".lock").unlink(missing_ok=True)  # uv's, for --target
                 (tmp / _COMPLETE).write_text(json.dumps(pins))
                 shutil.rmtree(path, ignore_errors=True)  # a half-built leftover
@@ -306,8 +312,10 @@ class PackageInstaller(LoggingConfigurable):
         removed = []
         for entry in self.layers_dir.iterdir():
             if entry.name.startswith(".build-"):
-                if time.time() - entry.stat().st_mtime > self.timeout:
-                    shutil.rmtree(entry, ignore_errors=True)
+                layer_id = entry.name.removeprefix(".build-").rsplit("-", 1)[0]
+                with self._lock(layer_id, wait=False) as held:
+                    if held is not None:  # no builder has it: a leftover of a killed one
+                        shutil.rmtree(entry, ignore_errors=True)
                 continue
             if not entry.is_dir() or entry.name in keep:
                 continue
@@ -318,13 +326,21 @@ class PackageInstaller(LoggingConfigurable):
         return removed
 
     @contextlib.contextmanager
-    def _lock(self, layer_id: str) -> Iterator[None]:
-        """One builder per layer across processes; gc takes the same lock."""
+    def _lock(self, layer_id: str, wait: bool = True) -> Iterator[int | None]:
+        """One builder per layer across processes; gc takes the same lock.
+
+        Yields the locked descriptor, or None if not ``wait`` and someone holds
+        it. A killed builder's lock goes with the last process holding it.
+        """
         lock_path = self.layers_dir / f".{layer_id}.lock"
         with open(lock_path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield None
+                return
+            try:
+                yield f.fileno()
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -348,14 +364,17 @@ class PackageInstaller(LoggingConfigurable):
         return {"index": self.index_url, "extra": list(self.extra_index_urls),
                 "links": list(self.find_links), "no_index": self.no_index}
 
-    def _uv(self, *args: str, action: str) -> str:
+    def _uv(self, *args: str, action: str, hold: tuple[int, ...] = ()) -> str:
+        """Run uv; ``hold``: lock descriptors it inherits, so that a uv orphaned by a
+        killed client keeps the layer locked until it has finished writing."""
         env = dict(os.environ)
         if self.cache_dir:
             env["UV_CACHE_DIR"] = self.cache_dir
         env.pop("VIRTUAL_ENV", None)
         try:
             proc = subprocess.run([self.uv, *args], capture_output=True, text=True, env=env,
-                                  timeout=self.timeout, stdin=subprocess.DEVNULL)
+                                  timeout=self.timeout, stdin=subprocess.DEVNULL,
+                                  pass_fds=hold)
         except FileNotFoundError:
             raise InstallFailed(f"uv is not installed ({self.uv}); `pip install uv`") from None
         except subprocess.TimeoutExpired:
