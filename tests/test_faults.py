@@ -7,9 +7,11 @@ session) sees every variable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,9 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox_kernel.errors import SessionDead
+from sandbox_kernel.errors import SessionDead, StateDirFull
+from sandbox_kernel.transfer import TransferFailed
 
-from .conftest import make_manager, needs_bwrap
+from .conftest import make_manager, needs_bwrap, short_tmpdir
 
 pytestmark = needs_bwrap
 
@@ -194,3 +197,78 @@ def test_client_killed_mid_install_leaves_no_half_built_layer(home, wheelhouse):
                          and not any(layers_dir.glob(".build-*")), 30)
         assert {p.name for p in layers_dir.iterdir() if not p.name.startswith(".")} \
             == set(result.layers)
+
+
+@pytest.fixture
+def small_home():
+    """A state directory on a 128 MiB filesystem of its own, which the test fills."""
+    mount_point = short_tmpdir("skfull-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount_point)],
+                   check=True)
+    try:
+        yield mount_point / "h"
+    finally:
+        with make_manager(mount_point / "h"):
+            pass
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        mount_point.rmdir()
+
+
+def _store_is_whole(home: Path) -> int:
+    """Every chunk the store's index names reads back with its hash; how many there are."""
+    from sandbox_kernel.store import ContentStore
+
+    store = ContentStore(home / "store")
+    with sqlite3.connect(home / "store" / "store.db") as db:
+        digests = [d for (d,) in db.execute("SELECT hash FROM chunks")]
+    for digest in digests:
+        store.read_chunk(digest)
+    assert not [p for p in (home / "store" / "packs").iterdir() if p.name.endswith(".tmp")]
+    return len(digests)
+
+
+def _registry_is_whole(home: Path) -> None:
+    with sqlite3.connect(home / "registry.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_full_disk_under_the_state_directory_refuses_clearly_and_loses_nothing(
+        small_home, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(16 * 2**20))  # 32 MiB: the store and the copy
+    with make_manager(small_home, isolation="bwrap") as m:
+        s = m.create(name="full")
+        assert s.run("import numpy as np\n"
+                     "a = np.random.default_rng(0).random(5_000_000)\nx = 5").ok  # 38 MiB
+        filler = small_home.parent / "filler"
+        filler.write_bytes(b"\0" * 100 * 2**20)  # 28 MiB left: neither fits
+
+        with pytest.raises(TransferFailed, match="no space left"):
+            s.upload(big)
+        assert os.listdir(s.work_dir) == []  # no part of it, not even a temporary name
+        with pytest.raises(StateDirFull, match="pause of session 'full' was not taken"):
+            s.pause()
+        assert m.get_info("full")["status"] == "running"
+        assert s.checkpoints() == []
+        assert s.run("print(x, a.size)").stdout == "5 5000000\n"
+
+        with open(filler, "ab") as f, contextlib.suppress(OSError):  # now nothing is left
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
+        r = s.run("y = x + 1\nprint(y)")  # the cell runs; only its record is refused
+        assert r.ok and r.stdout == "6\n"
+        assert any("not recorded" in w for w in r.insights), r.insights
+        with pytest.raises(StateDirFull, match="state directory"):
+            m.create(name="another")
+        assert [row["name"] for row in m.registry.sessions()] == ["full"]
+        _registry_is_whole(small_home)
+        _store_is_whole(small_home)
+
+        filler.unlink()  # space again: everything works, and nothing was lost
+        s.upload(big)
+        assert (s.work_dir / "big.bin").read_bytes() == big.read_bytes()
+        s.pause()
+        assert m.get("full").run("print(x, y, a.size)").stdout == "5 6 5000000\n"
+        assert _store_is_whole(small_home) > 0
+        _registry_is_whole(small_home)

@@ -6,6 +6,11 @@ are what the CLI, the magics and the kernel show as one line.
 
 from __future__ import annotations
 
+import errno
+import shutil
+import sqlite3
+from pathlib import Path
+
 
 class SandboxError(Exception):
     """Base of every error raised on purpose by sandbox-kernel."""
@@ -78,3 +83,30 @@ class TooManySessions(SandboxError):
 
 class SnapshotDamaged(SandboxError):
     """A checkpoint's stored state is missing or corrupt."""
+
+
+class StateDirFull(SandboxError, OSError):
+    """The filesystem of the state directory has no room for what had to be written."""
+
+    def __init__(self, home: str | Path, what: str):
+        try:
+            free = f"{shutil.disk_usage(home).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(
+            f"no space left in the state directory {home} ({free}): {what}; nothing "
+            "half-written was kept. Free space there (`sandbox-kernel gc` removes unused "
+            "package layers and stored data) and try again")
+        self.home = str(home)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError or SQLite error that means the disk (or a quota) is full."""
+    if isinstance(exc, StateDirFull):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                or "disk is full" in str(exc))
+    return False

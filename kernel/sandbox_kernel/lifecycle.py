@@ -43,6 +43,8 @@ from .errors import (
     SessionClosed,
     SessionDead,
     SnapshotDamaged,
+    StateDirFull,
+    is_disk_full,
 )
 from .paths import SessionLayout
 from .replay import plan_replay
@@ -512,6 +514,16 @@ class LifecycleMixin:
         return int(1.5 * resident)
 
     async def _capture(self, kind: str, name: str | None, files: bool) -> Checkpoint:
+        try:
+            return await self._capture_state(kind, name, files)
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise StateDirFull(self.manager.home, f"the {kind} of session {self.name!r} was "
+                                   "not taken; the session keeps running, with its state"
+                                   ) from None
+            raise
+
+    async def _capture_state(self, kind: str, name: str | None, files: bool) -> Checkpoint:
         if self._row["language"] != "python":
             return await self._capture_by_replay(kind, name, files)
         snap = self._snapshot_dir(in_memory_bytes=self._capture_estimate())

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import StateDirFull, is_disk_full
+
 SCHEMA_VERSION = 5
 
 _SCHEMA = """
@@ -188,11 +190,14 @@ class Registry:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if is_disk_full(exc):
+                    raise StateDirFull(self.path.parent,
+                                       "the registry could not record a change") from None
+                raise
 
     # -- sessions ---------------------------------------------------------
 

@@ -23,6 +23,8 @@ class ExecutionResult:
     timing: dict[str, float] = field(default_factory=dict)
     #: The evaluated ``user_expressions`` of the request, when it had any.
     expressions: dict[str, Any] = field(default_factory=dict)
+    #: What went wrong around the run (not in it), e.g. a history that could not be saved.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -30,10 +32,10 @@ class ExecutionResult:
 
     @property
     def insights(self) -> list[str]:
-        """The run's bottleneck, if one stage dominated, and what to do about it."""
+        """The run's bottleneck, if one stage dominated, and what to do about it; warnings first."""
         from .timing import run_insights
 
-        return run_insights(self.timing)
+        return [*self.warnings, *run_insights(self.timing)]
 
     @property
     def stdout(self) -> str:

@@ -31,6 +31,7 @@ from .errors import (
     SessionClosed,
     SessionDead,
     StartFailed,
+    StateDirFull,
 )
 from .kernelspecs import DENO_LANGUAGES
 from .lifecycle import SUSPENDED_MARK, Checkpoint, LifecycleMixin, ResumeReport
@@ -403,9 +404,15 @@ class AsyncSession(LifecycleMixin):
         )
 
     def _record(self, code: str, status: str, result: ExecutionResult, started: float) -> None:
-        execution_id = self.manager.registry.record_execution(
-            self.id, code, status, result.execution_count, started, result.timing
-        )
+        try:
+            execution_id = self.manager.registry.record_execution(
+                self.id, code, status, result.execution_count, started, result.timing
+            )
+        except StateDirFull as exc:  # the cell ran: its result is the user's all the same
+            warning = f"this run was not recorded (history and replay will miss it): {exc}"
+            result.warnings.append(warning)
+            self.manager.log.warning("session %s: %s", self.name, warning)
+            return
         if self._recorder is not None:
             self._recorder.after_run(execution_id, result.outputs)
         if self.manager.auto_checkpoint and status == "ok":

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgument, SandboxError
+from .errors import InvalidArgument, SandboxError, is_disk_full
 from .limits import format_size
 from .store import ContentStore, FileRecord
 from .workdir import WorkDir, relative_parts
@@ -181,7 +181,7 @@ class UploadCommit(_Batch):
             self._placements.append((item, parts, staged, record))
             item.status = "done"
         except Exception as exc:  # reported by commit(), with the file's name
-            item.status, item.error = "failed", str(exc)
+            item.status, item.error = "failed", _why(exc)
 
     def _unchanged_in_session(self, have: dict[str, Any] | None, digest: str,
                               parts: tuple[str, ...]) -> bool:
@@ -276,7 +276,7 @@ class DownloadGroup(_Batch):
             record = self.store.export(digest, dest, on_bytes=lambda n: _add(item, n))
             self._done(item, record, dest)
         except Exception as exc:
-            item.status, item.error = "failed", str(exc)
+            item.status, item.error = "failed", _why(exc)
 
     def _from_sandbox(self, parts: tuple[str, ...], dest: Path, item: ItemProgress) -> None:
         tmp = dest.with_name(f".{dest.name}.sk-{uuid.uuid4().hex[:8]}")
@@ -292,7 +292,7 @@ class DownloadGroup(_Batch):
             self._done(item, record, dest)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
-            item.status, item.error = "failed", str(exc)
+            item.status, item.error = "failed", _why(exc)
 
     def _done(self, item: ItemProgress, record: FileRecord, dest: Path) -> None:
         item.hash, item.status = record.hash, "done"
@@ -348,3 +348,12 @@ def upload_paths(commit: UploadCommit, paths: Iterable[Any]) -> None:
         for local in [paths] if isinstance(paths, str | os.PathLike) else paths:
             commit.add(local)
 
+
+
+def _why(exc: Exception) -> str:
+    """A failed file's reason, as the user can act on it."""
+    if is_disk_full(exc):
+        return ("no space left on the device it was written to; nothing half-written was "
+                "kept: free space there (`sandbox-kernel gc` for the state directory) and "
+                "transfer it again")
+    return str(exc)

@@ -116,11 +116,11 @@ class ContentStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")  # may fail too (a full disk): then roll back as well
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        else:
-            db.execute("COMMIT")
 
     # -- writing -----------------------------------------------------------------
 
