@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox_kernel.errors import SessionDead, StateDirFull
+from sandbox_kernel import SessionManager
+from sandbox_kernel.errors import RegistryDamaged, SessionDead, StateDirFull
 from sandbox_kernel.transfer import TransferFailed
 
 from .conftest import make_manager, needs_bwrap, short_tmpdir
@@ -272,3 +273,67 @@ def test_a_full_disk_under_the_state_directory_refuses_clearly_and_loses_nothing
         assert m.get("full").run("print(x, y, a.size)").stdout == "5 6 5000000\n"
         assert _store_is_whole(small_home) > 0
         _registry_is_whole(small_home)
+
+
+CRASH = """
+import json, os
+from sandbox_kernel import SessionManager
+m = SessionManager(isolation="bwrap")
+m.registry._db.execute("PRAGMA wal_autocheckpoint=0")  # everything stays in the log
+a = m.create(name="a")
+assert a.run("x = 1").ok
+a.checkpoint("safe")
+b = m.create(name="b")
+assert b.run("y = 2").ok
+executions = m.registry._db.execute("SELECT count(*) FROM executions").fetchone()[0]
+print(json.dumps({"pids": [s.info()["pid"] for s in (a, b)], "executions": executions}))
+os._exit(0)  # no close, no checkpoint of the log
+"""
+
+
+def test_a_torn_registry_log_after_a_crash_leaves_a_consistent_registry(home):
+    env = {**os.environ, "SANDBOX_KERNEL_HOME": str(home)}
+    out = subprocess.run([sys.executable, "-c", CRASH], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    before = json.loads(out.stdout)
+    for pid in before["pids"]:  # the machine "crashes": every process dies at once
+        for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    wal = home / "registry.db-wal"
+    assert _wait_for(lambda: not any(psutil.pid_exists(p) for p in before["pids"]), 10)
+    log = bytearray(wal.read_bytes())
+    page = int.from_bytes(log[8:12], "big")
+    frames = (len(log) - 32) // (24 + page)
+    assert frames > 4, frames
+    torn = 32 + (frames - 2) * (24 + page) + 24  # the data of the last frames but one
+    log[torn:torn + 512] = os.urandom(512)
+    wal.write_bytes(log)
+
+    with make_manager(home, isolation="bwrap") as m:
+        _registry_is_whole(home)
+        with sqlite3.connect(home / "registry.db") as db:
+            assert db.execute("SELECT count(*) FROM executions").fetchone()[0] \
+                < before["executions"]  # the torn frames' changes are gone, whole
+        rows = {s.name: s.info() for s in m.list(status=None)}
+        assert rows["a"]["status"] == "dead", rows["a"]
+        assert all(i["status"] in ("dead", "starting") for i in rows.values()), rows
+        with pytest.raises(SessionDead, match="checkpoint"):
+            m.get("a").run("x")
+        m.get("a").resume()  # back from the checkpoint that survived
+        assert m.get("a").run("print(x)").stdout == "1\n"
+
+
+def test_a_damaged_registry_file_is_refused_with_what_to_do(home):
+    with make_manager(home, isolation="bwrap") as m:
+        m.create(name="s").run("1")
+    db_file = home / "registry.db"
+    with sqlite3.connect(db_file) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(db_file.read_bytes())
+    data[4096 + 8: 4096 + 4096] = os.urandom(4096 - 8)  # page 2: the sessions table's
+    db_file.write_bytes(data)
+    with pytest.raises(RegistryDamaged, match=r"registry .*registry\.db is damaged.*\.recover"):
+        SessionManager(home=str(home)).list()
+    assert db_file.read_bytes() == data  # nothing was written into it
+    db_file.unlink()  # (its one session was closed before the damage)

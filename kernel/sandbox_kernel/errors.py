@@ -85,6 +85,19 @@ class SnapshotDamaged(SandboxError):
     """A checkpoint's stored state is missing or corrupt."""
 
 
+class RegistryDamaged(SandboxError):
+    """The registry database fails SQLite's own check; nothing is changed in it."""
+
+    def __init__(self, path: str | Path, detail: str):
+        detail = " ".join(detail.replace("*", "").split())
+        super().__init__(
+            f"the registry {path} is damaged ({detail}); nothing was changed in it. Stop the "
+            f"processes using it, keep a copy, and repair it with "
+            f"`sqlite3 {path} '.recover' | sqlite3 {path}.recovered` (then move that into "
+            "place), or start afresh in another SANDBOX_KERNEL_HOME")
+        self.path = str(path)
+
+
 class StateDirFull(SandboxError, OSError):
     """The filesystem of the state directory has no room for what had to be written."""
 

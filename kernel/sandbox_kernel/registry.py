@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import StateDirFull, is_disk_full
+from .errors import RegistryDamaged, StateDirFull, is_disk_full
 
 SCHEMA_VERSION = 5
 
@@ -136,6 +136,12 @@ _MIGRATIONS = {
 }
 
 
+def _damage(exc: sqlite3.Error) -> bool:
+    """SQLite's words for a damaged file (as opposed to a busy or full one)."""
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT,
+                                                       sqlite3.SQLITE_NOTADB)
+
+
 def lease_clock() -> float:
     """The clock leases run on: seconds since boot (CLOCK_BOOTTIME), shared by every process.
 
@@ -162,7 +168,19 @@ class Registry:
             str(self.path), timeout=30, isolation_level=None, check_same_thread=False
         )
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # A torn write-ahead log is cut at its last good frame by SQLite itself;
+            # damage in the database file is found here, before anything is written.
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _damage(exc):
+                raise
+            self._db.close()
+            raise RegistryDamaged(self.path, str(exc)) from None
+        if problems != ["ok"]:
+            self._db.close()
+            raise RegistryDamaged(self.path, "; ".join(problems))
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:
