@@ -9,6 +9,7 @@ and exit with status 1.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -518,7 +519,11 @@ class SandboxKernelApp(_Command):
 
 
 def main(argv: list[str] | None = None) -> None:
-    SandboxKernelApp.launch_instance(argv)
+    try:
+        SandboxKernelApp.launch_instance(argv)
+    except BrokenPipeError:  # `sandbox-kernel list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 if __name__ == "__main__":

@@ -687,6 +687,10 @@ class Session:
     def info(self) -> dict[str, Any]:
         return self._inner.info()
 
+    def usage(self) -> dict[str, float] | None:
+        """CPU seconds and resident memory of the sandbox; None when no process runs."""
+        return self._inner.usage()
+
     def executions(self) -> list[dict[str, Any]]:
         return self._inner.executions()
 

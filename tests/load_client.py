@@ -1,0 +1,36 @@
+"""One load client: attaches to a session by name and runs numbered cells in it.
+
+``python tests/load_client.py HOME SESSION CLIENT CELLS START_AT`` waits until
+the wall clock reaches START_AT (so every client starts together), runs CELLS
+cells that each print a number only this client and cell produce, and prints
+one JSON line: the latency of each cell and every output that was not its own.
+Used by tests/test_load.py and by `make stress`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from sandbox_kernel import SessionManager
+
+
+def main(home: str, name: str, client: int, cells: int, start_at: float) -> dict:
+    session = SessionManager(home=home).get(name)
+    session.run("pass")  # attached before the clock starts
+    time.sleep(max(0.0, start_at - time.time()))
+    latencies, wrong = [], []
+    for i in range(cells):
+        expected = client * 100_000 + i
+        t = time.perf_counter()
+        result = session.run(f"print({client} * 100_000 + {i})")
+        latencies.append(time.perf_counter() - t)
+        if not result.ok or result.stdout != f"{expected}\n":
+            wrong.append({"expected": expected, "stdout": result.stdout, "error": result.error})
+    return {"client": client, "latencies": latencies, "wrong": wrong}
+
+
+if __name__ == "__main__":
+    home, name, client, cells, start_at = sys.argv[1:]
+    print(json.dumps(main(home, name, int(client), int(cells), float(start_at))))
