@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test bench lint clean
+.PHONY: setup system-deps demo test bench stress lint clean
 
 setup: system-deps $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# Load figures (issue 9): sessions held, cells per second, p99 latency, memory per idle session.
+stress: setup
+	$(BIN)/python bench/stress.py
 
 lint: setup
 	$(BIN)/ruff check .

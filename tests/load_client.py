@@ -4,7 +4,9 @@
 the wall clock reaches START_AT (so every client starts together), runs CELLS
 cells that each print a number only this client and cell produce, and prints
 one JSON line: the latency of each cell and every output that was not its own.
-Used by tests/test_load.py and by `make stress`.
+SESSION ``plain:CONNECTION_FILE`` runs the same cells on a plain ipykernel
+through jupyter_client, the peer `make stress` compares with. Used by
+tests/test_load.py and by `make stress`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,40 @@ from __future__ import annotations
 import json
 import sys
 import time
+from types import SimpleNamespace
 
 from sandbox_kernel import SessionManager
 
 
+class PlainKernel:
+    """The same ``run`` over a plain ipykernel's connection file."""
+
+    def __init__(self, connection_file: str):
+        from jupyter_client import BlockingKernelClient
+
+        self.client = BlockingKernelClient(connection_file=connection_file)
+        self.client.load_connection_file()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def run(self, code: str) -> SimpleNamespace:
+        out: list[str] = []
+
+        def hook(msg: dict) -> None:
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+
+        reply = self.client.execute_interactive(code, output_hook=hook, timeout=120)
+        ok = reply["content"]["status"] == "ok"
+        return SimpleNamespace(ok=ok, stdout="".join(out),
+                               error=None if ok else reply["content"].get("evalue"))
+
+
 def main(home: str, name: str, client: int, cells: int, start_at: float) -> dict:
-    session = SessionManager(home=home).get(name)
+    if name.startswith("plain:"):
+        session = PlainKernel(name.removeprefix("plain:"))
+    else:
+        session = SessionManager(home=home).get(name)
     session.run("pass")  # attached before the clock starts
     time.sleep(max(0.0, start_at - time.time()))
     latencies, wrong = [], []

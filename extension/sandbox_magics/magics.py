@@ -20,7 +20,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import clear_output, display, publish_display_data
 
 from sandbox_kernel import portal
@@ -28,6 +28,7 @@ from sandbox_kernel.commands import (
     CommandError,
     CommandOutput,
     _with_usage,
+    parse_args,
     run_command,
 )
 from sandbox_kernel.errors import SandboxError
@@ -195,11 +196,7 @@ class SessionMagics(Magics):
     # -- %%session ----------------------------------------------------------------------
 
     def _run_cell(self, line: str, cell: str) -> None:
-        try:
-            args = parse_argstring(_cell_args, line)
-        except UsageError as exc:
-            raise CommandError(f"%%session: {exc}; usage: %%session [NAME] [--timing] "
-                               "[--insights]") from None
+        args = parse_args(_cell_args, line, "usage: %%session [NAME] [--timing] [--insights]")
         if args.name:
             session = portal.call(self.manager._async_get(args.name))
         elif self._current is not None:

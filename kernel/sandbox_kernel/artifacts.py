@@ -195,6 +195,6 @@ class ArtifactRecorder:
 def _check_tag(tag: str) -> str:
     from .manager import TAG_PATTERN
 
-    if not isinstance(tag, str) or not TAG_PATTERN.match(tag):
+    if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
         raise InvalidArgument(f"invalid tag {tag!r}: 1-64 letters, digits or . : / = + @ -")
     return tag

@@ -110,11 +110,21 @@ async def run_command(ctx: CommandContext, line: str) -> CommandOutput:
     if func is None:
         raise CommandError(f"%session: unknown command {name!r}; commands: "
                            f"{', '.join(COMMANDS)} (`%session help` explains them)")
-    try:
-        args = parse_argstring(func, line.strip()[len(name):])
-    except UsageError as exc:
-        raise CommandError(f"%session {name}: {exc}; see `%session help {name}`") from None
+    args = parse_args(func, line.strip()[len(name):], f"see `%session help {name}`")
     return await func(ctx, args)
+
+
+def parse_args(func: Any, text: str, hint: str) -> Any:
+    """``func``'s magic arguments from ``text``; CommandError (with ``hint``) if they are wrong.
+
+    IPython's parser raises UsageError for bad arguments but ValueError for an
+    unclosed quote; both are the user's to fix, so both become one line.
+    """
+    prog = func.parser.prog  # type: ignore[attr-defined]
+    try:
+        return parse_argstring(func, text)
+    except (UsageError, ValueError) as exc:
+        raise CommandError(f"%{prog}: {exc}; {hint}") from None
 
 
 def usage(name: str | None) -> CommandOutput:

@@ -57,9 +57,10 @@ from .session import PORTS, AsyncSession, Session
 from .store import ContentStore
 from .workdir import relative_parts
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TAG_PATTERN = re.compile(r"^[\w.:/=+@-]{1,64}$")
-ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Used with fullmatch: a "^...$" pattern with match() lets "name\n" through.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TAG_PATTERN = re.compile(r"[\w.:/=+@-]{1,64}")
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 #: Starts the supervisor with the standard library alone (-I -S): fast, and
 #: immune to whatever the session's environment does to site-packages.
@@ -783,7 +784,7 @@ def _file_pairs(files: Any) -> list[tuple[Path, str]]:
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             f"invalid session name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -798,7 +799,7 @@ def _check_tags(tags: Iterable[str] | None) -> list[str]:
         tags = [tags]
     out = []
     for tag in tags:
-        if not isinstance(tag, str) or not TAG_PATTERN.match(tag):
+        if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
             raise InvalidArgument(f"invalid tag {tag!r}: 1-64 letters, digits or . : / = + @ -")
         out.append(tag)
     return sorted(set(out))
@@ -811,7 +812,7 @@ def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
         raise InvalidArgument(f"env must be a dict of strings, got {type(env).__name__}")
     out = {}
     for k, v in env.items():
-        if not isinstance(k, str) or not ENV_NAME_PATTERN.match(k):
+        if not isinstance(k, str) or not ENV_NAME_PATTERN.fullmatch(k):
             raise InvalidArgument(f"invalid environment variable name {k!r}")
         if not isinstance(v, str) or "\0" in v:
             raise InvalidArgument(f"environment variable {k} must be a string without NUL bytes")

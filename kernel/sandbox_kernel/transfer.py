@@ -21,13 +21,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgument, SandboxError, is_disk_full
@@ -251,21 +252,27 @@ class DownloadGroup(_Batch):
         self._results: list[dict[str, Any]] = []
 
     def add(self, source: str | dict[str, Any], local_dest: str | os.PathLike[str]) -> None:
-        """A file of the work directory (a path) or of a manifest (an entry), to ``local_dest``."""
+        """A file of the work directory (a path) or of a manifest (an entry), to ``local_dest``.
+
+        ``local_dest`` an existing directory: the file keeps its own name in it.
+        """
+        if isinstance(source, dict):
+            digest, name, size = _manifest_entry(source)
+        elif isinstance(source, str):
+            parts = relative_parts(source, "sandbox path")
+            name, size = parts[-1], 0
+        else:
+            raise InvalidArgument(f"download a work-directory path or a manifest entry, "
+                                  f"not {source!r}")
         dest = Path(local_dest).expanduser().absolute()
         if dest.is_dir():
-            name = source if isinstance(source, str) else source.get("dest", "file")
-            dest = dest / Path(name).name
+            dest = dest / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(source, dict):
-            if not isinstance(source.get("hash"), str):
-                raise InvalidArgument(f"not a manifest entry (no hash): {source!r}")
-            item = ItemProgress(source.get("dest", source["hash"]),
-                                bytes_total=int(source.get("size", 0)))
+            item = ItemProgress(source.get("dest", digest), bytes_total=size)
             self._items.append(item)
-            self._futures.append(_POOL.submit(self._from_store, source["hash"], dest, item))
+            self._futures.append(_POOL.submit(self._from_store, digest, dest, item))
         else:
-            parts = relative_parts(source, "sandbox path")
             item = ItemProgress("/".join(parts))
             self._items.append(item)
             self._futures.append(_POOL.submit(self._from_sandbox, parts, dest, item))
@@ -348,6 +355,28 @@ def upload_paths(commit: UploadCommit, paths: Iterable[Any]) -> None:
         for local in [paths] if isinstance(paths, str | os.PathLike) else paths:
             commit.add(local)
 
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _manifest_entry(entry: dict[str, Any]) -> tuple[str, str, int]:
+    """A manifest entry's hash, file name and size, checked: manifests are files users edit."""
+    digest, dest, size = entry.get("hash"), entry.get("dest"), entry.get("size", 0)
+    if not isinstance(digest, str) or not _HASH.fullmatch(digest):
+        raise InvalidArgument(f"not a manifest entry (its hash is not 64 hex digits): "
+                              f"{entry!r}")
+    if dest is None:
+        name = digest
+    elif isinstance(dest, str) and "\0" not in dest:
+        name = PurePosixPath(dest).name
+    else:
+        name = ""
+    if name in ("", ".", ".."):
+        raise InvalidArgument(f"manifest entry's dest {dest!r} names no file: {entry!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidArgument(f"manifest entry's size {size!r} is not a byte count: {entry!r}")
+    return digest, name, size
 
 
 def _why(exc: Exception) -> str:
