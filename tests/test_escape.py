@@ -3,17 +3,23 @@
 They complement ``test_isolation.py`` (host home, host loopback, host processes,
 writes outside the work directory, environment, memory, fork bomb) with the
 state directory, other sessions, DNS, raw sockets, mounts, ptrace, rlimits,
-inherited descriptors and links out of the work directory.
+inherited descriptors, signals to host processes and links out of the work directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import textwrap
 import threading
 import time
 from pathlib import Path
+
+import psutil
+
+from sandbox_kernel.errors import SessionDead
 
 from .conftest import needs_bwrap, probe
 
@@ -164,3 +170,30 @@ def test_a_fifo_in_the_work_directory_cannot_block_the_host(session, tmp_path):
     worker.join(timeout=20)
     assert not worker.is_alive(), "the host blocked opening a FIFO the sandbox made"
     assert "not a regular file" in outcome[0], outcome
+
+
+def test_cannot_signal_host_processes(manager):
+    host = subprocess.Popen(["sleep", "300"])
+    try:
+        s = manager.create(name="signaller")
+        out = probe(s, f"""
+            import os, signal
+            out = []
+            for pid in ({host.pid}, 1, {os.getpid()}):
+                try:
+                    os.kill(pid, signal.SIGKILL if pid != 1 else 0)
+                    out.append([pid, "sent"])
+                except OSError as exc:
+                    out.append([pid, type(exc).__name__])
+        """)
+        # Host pids (large numbers here) do not exist in the sandbox's pid namespace.
+        assert host.pid > 100 and os.getpid() > 100
+        assert out[0] == [host.pid, "ProcessLookupError"], out
+        assert out[2] == [os.getpid(), "ProcessLookupError"], out
+        with contextlib.suppress(SessionDead):  # signal everything it can see, itself included
+            s.run("import os, signal; os.kill(-1, signal.SIGKILL)")
+        assert host.poll() is None  # the host's process lived through it
+        assert psutil.pid_exists(os.getpid())
+    finally:
+        host.kill()
+        host.wait()
