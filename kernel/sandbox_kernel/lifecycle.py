@@ -29,7 +29,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,8 @@ from .workdir import UnsafePath, WorkDir, relative_parts
 if TYPE_CHECKING:
     from .session import AsyncSession
 
+#: Variables smaller than this are exported and loaded first, while the large ones export.
+_EARLY_BYTES = 16 * 2**20
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="sandbox-kernel-snapshot")
 #: Present while a session is frozen or paused (or being paused): attached clients check
@@ -657,27 +659,15 @@ class LifecycleMixin:
                 await self._relaunch(relaunch)
             return await self._restore_by_replay(cp, files)
         report = ResumeReport(checkpoint=cp["id"])
-        size = sum(v["size"] for v in manifest["variables"].values())
-        snap = self._snapshot_dir(in_memory_bytes=size)
+        variables = manifest["variables"]
+        snap = self._snapshot_dir(in_memory_bytes=sum(v["size"] for v in variables.values()))
         inside = snap.inside
+        wanted = {var: {"files": [f for f, _, _ in v["files"]]} for var, v in variables.items()}
+        early = {var for var, v in variables.items() if v["size"] < _EARLY_BYTES}
         try:
-            exporting = asyncio.ensure_future(
-                asyncio.to_thread(self._export_snapshot, cp, snap))
-            try:
-                if relaunch is not None:
-                    await self._relaunch(relaunch)
-            finally:
-                await asyncio.wait([exporting])
-            exporting.result()
+            loaded = await self._load_exported(cp, snap, relaunch, reset, wanted, early)
             if files and manifest.get("files"):
                 report.files = await asyncio.to_thread(self._place_files, manifest["files"], cp)
-            wanted = {var: {"files": [f for f, _, _ in v["files"]]}
-                      for var, v in manifest["variables"].items()}
-            await self._run_internal(request_code({
-                "op": "restore", "dir": inside, "imports": manifest["imports"],
-                "variables": wanted, "execution_count": manifest["execution_count"],
-                "reset": reset}))
-            loaded = self._read_report(snap)
             report.restored, report.imports = loaded["restored"], loaded["imports"]
             missing = {**manifest["skipped"], **loaded["failed"]}
             clobbered = await self._replay_missing(cp, missing, report)
@@ -689,6 +679,42 @@ class LifecycleMixin:
             snap.remove()
         self.manager.registry.renew(self.id)
         return report
+
+    async def _load_exported(self, cp: dict[str, Any], snap: SnapshotDir,
+                             relaunch: dict[str, Any] | None, reset: bool,
+                             wanted: dict[str, Any], early: set[str]) -> dict[str, Any]:
+        """Export and load in two batches, small variables first: the kernel imports and
+        unpickles them while the large arrays are still being exported (those are then
+        only mapped). With ``relaunch``, the sandbox starts meanwhile too."""
+        manifest = cp["manifest"]
+        late = [var for var in wanted if var not in early]
+        exporting_early = asyncio.ensure_future(
+            asyncio.to_thread(self._export_snapshot, cp, snap, early, "early"))
+
+        async def export_late() -> None:
+            await exporting_early
+            await asyncio.to_thread(self._export_snapshot, cp, snap, late, "late")
+
+        exporting = asyncio.ensure_future(export_late())
+        try:
+            if relaunch is not None:
+                await self._relaunch(relaunch)
+            await exporting_early
+            await self._run_internal(request_code({
+                "op": "restore", "dir": snap.inside, "imports": manifest["imports"],
+                "variables": {v: wanted[v] for v in early},
+                "execution_count": manifest["execution_count"], "reset": reset}))
+            loaded = self._read_report(snap)
+        finally:
+            await asyncio.wait([exporting])
+        exporting.result()
+        if late:
+            await self._run_internal(request_code({
+                "op": "load", "dir": snap.inside, "variables": {v: wanted[v] for v in late}}))
+            more = self._read_report(snap)
+            loaded["restored"] += more["restored"]
+            loaded["failed"].update(more["failed"])
+        return loaded
 
     async def _replay_missing(self, cp: dict[str, Any], missing: dict[str, str],
                               report: ResumeReport) -> set[str]:
@@ -723,12 +749,14 @@ class LifecycleMixin:
                 report.lost[name] = why
         return plan.clobbered
 
-    def _export_snapshot(self, cp: dict[str, Any], snap: SnapshotDir) -> None:
-        """The checkpoint's blobs, verified, into the snapshot directory (never through a link)."""
-        staging = snap.staging
+    def _export_snapshot(self, cp: dict[str, Any], snap: SnapshotDir, variables: Iterable[str],
+                         batch: str) -> None:
+        """Those variables' blobs, verified, into the snapshot directory (never through a link)."""
+        staging = snap.staging / batch
         staging.mkdir(parents=True, exist_ok=True)
         store = self.manager.store
-        items = [(f, h) for v in cp["manifest"]["variables"].values() for f, h, _ in v["files"]]
+        every = cp["manifest"]["variables"]
+        items = [(f, h) for v in variables for f, h, _ in every[v]["files"]]
 
         def one(item: tuple[str, str]) -> None:
             name, digest = item
