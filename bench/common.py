@@ -56,3 +56,10 @@ def _ratio(row: Row) -> str:
 def save(rows: list[Row], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))
+
+
+def close_all(manager) -> None:
+    """Every session a benchmark left, paused and dead ones included."""
+    for row in manager.registry.sessions(
+            status=["starting", "running", "frozen", "paused", "dead"]):
+        manager.close(row["id"])

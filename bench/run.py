@@ -18,7 +18,7 @@ from bench_core import bench_create, bench_kernel_cell, bench_run  # noqa: E402
 from bench_files import bench_files  # noqa: E402
 from bench_lifecycle import bench_lifecycle, bench_pool  # noqa: E402
 from bench_packages import bench_packages  # noqa: E402
-from common import print_table, save  # noqa: E402
+from common import close_all, print_table, save  # noqa: E402
 
 from sandbox_kernel import SessionManager  # noqa: E402
 
@@ -43,9 +43,7 @@ def main() -> None:
         if not args.no_network:
             rows += bench_packages(manager)
     finally:
-        for row in manager.registry.sessions(
-                status=["starting", "running", "frozen", "paused", "dead"]):
-            manager.close(row["id"])
+        close_all(manager)
         shutil.rmtree(home, ignore_errors=True)
     print_table(rows)
     save(rows, Path(__file__).resolve().parent / "results" / "latest.json")

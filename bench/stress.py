@@ -32,12 +32,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, median, percentile, print_table, save  # noqa: E402
+from common import Row, close_all, median, percentile, print_table, save  # noqa: E402
 
 from sandbox_kernel import SessionManager  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-CLIENT = ROOT / "tests" / "load_client.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from load_client import run_clients  # noqa: E402
+
 STATE = "import json, collections\nx = {i}\nrows = [dict(n=n, s=str(n)) for n in range(2000)]"
 MIB = 2**20
 
@@ -108,17 +110,7 @@ def stress_held(manager: SessionManager, count: int, running_at_most: int = 8) -
     ]
 
 
-def run_clients(home: Path, targets: list[str], per_target: int, cells: int) -> list[dict]:
-    start_at = time.time() + 5 + 0.3 * len(targets) * per_target
-    procs = [subprocess.Popen([sys.executable, str(CLIENT), str(home), target,
-                               str(k * per_target + j), str(cells), str(start_at)],
-                              stdout=subprocess.PIPE, text=True)
-             for k, target in enumerate(targets) for j in range(per_target)]
-    reports = []
-    for p in procs:
-        out, _ = p.communicate(timeout=1800)
-        assert p.returncode == 0, out
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+def checked(reports: list[dict]) -> list[dict]:
     wrong = [w for r in reports for w in r["wrong"]]
     assert not wrong, wrong[:5]
     return reports
@@ -139,13 +131,13 @@ def stress_clients(manager: SessionManager, home: Path, clients: int, cells: int
     names = [f"load{k}" for k in range(n_sessions)]
     for name in names:
         manager.create(name=name)
-    ours = figures(run_clients(home, names, per, cells))
+    ours = figures(checked(run_clients(home, names, per, cells)))
     for name in names:
         manager.close(name)
     kernels = [start_new_kernel(kernel_name="python3") for _ in range(n_sessions)]
     try:
-        peer = figures(run_clients(home, [f"plain:{km.connection_file}" for km, _ in kernels],
-                                   per, cells))
+        peer = figures(checked(run_clients(
+            home, [f"plain:{km.connection_file}" for km, _ in kernels], per, cells)))
     finally:
         for km, kc in kernels:
             kc.stop_channels()
@@ -213,14 +205,11 @@ def main() -> None:
     manager = SessionManager(home=str(home), isolation="bwrap", max_sessions=args.sessions + 8)
     try:
         rows = stress_held(manager, args.sessions)
-        for row in manager.registry.sessions(status=["running", "frozen", "paused"]):
-            manager.close(row["id"])
+        close_all(manager)  # the next load starts on an idle machine
         rows += stress_clients(manager, home, args.clients, args.cells)
         rows += stress_registry(manager, home, args.registry)
     finally:
-        for row in manager.registry.sessions(
-                status=["starting", "running", "frozen", "paused", "dead"]):
-            manager.close(row["id"])
+        close_all(manager)
         shutil.rmtree(home, ignore_errors=True)
     print_table(rows)
     save(rows, Path(__file__).resolve().parent / "results" / "stress.json")

@@ -12,8 +12,11 @@ tests/test_load.py and by `make stress`.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from sandbox_kernel import SessionManager
@@ -59,6 +62,22 @@ def main(home: str, name: str, client: int, cells: int, start_at: float) -> dict
         if not result.ok or result.stdout != f"{expected}\n":
             wrong.append({"expected": expected, "stdout": result.stdout, "error": result.error})
     return {"client": client, "latencies": latencies, "wrong": wrong}
+
+
+def run_clients(home: Path, targets: list[str], per_target: int, cells: int) -> list[dict]:
+    """``per_target`` client processes on each target, started together; their reports."""
+    start_at = time.time() + 5 + 0.1 * len(targets) * per_target  # time to import and attach
+    procs = [subprocess.Popen([sys.executable, __file__, str(home), target,
+                               str(k * per_target + j), str(cells), str(start_at)],
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "SANDBOX_KERNEL_HOME": str(home)})
+             for k, target in enumerate(targets) for j in range(per_target)]
+    reports = []
+    for p in procs:
+        out, _ = p.communicate(timeout=1800)
+        assert p.returncode == 0, out
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ come from `make stress`, which runs the same work at full size.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,35 +14,17 @@ import time
 import uuid
 from pathlib import Path
 
-from .conftest import ROOT, make_manager, needs_bwrap
+from .conftest import make_manager, needs_bwrap
+from .load_client import run_clients
 
 pytestmark = needs_bwrap
-
-CLIENT = ROOT / "tests" / "load_client.py"
-
-
-def run_clients(home: Path, names: list[str], per_session: int, cells: int) -> list[dict]:
-    """``per_session`` client processes on each session, started together; their reports."""
-    start_at = time.time() + 8  # time for every client to import and attach
-    procs = [subprocess.Popen([sys.executable, str(CLIENT), str(home), name,
-                               str(k * per_session + j), str(cells), str(start_at)],
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "SANDBOX_KERNEL_HOME": str(home)})
-             for k, name in enumerate(names) for j in range(per_session)]
-    reports = []
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out
-        reports.append(json.loads(out.strip().splitlines()[-1]))
-    return reports
-
 
 def test_fifty_concurrent_clients_each_get_their_own_results(home):
     with make_manager(home, isolation="bwrap") as m:
         names = [f"load{k}" for k in range(10)]
         for name in names:
             m.create(name=name)
-        reports = run_clients(home, names, per_session=5, cells=10)
+        reports = run_clients(home, names, per_target=5, cells=10)
         assert len(reports) == 50
         assert [r["wrong"] for r in reports] == [[]] * 50
         assert sorted(r["client"] for r in reports) == list(range(50))
