@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -276,6 +277,52 @@ def test_sandbox_that_dies_mid_cell(kernel):
     assert "%session new" in reply["evalue"]
     assert execute(kc, "%session new")[0]["status"] == "ok"
     assert results(execute(kc, "1 + 1")[1]) == ["2"]
+
+
+def test_reopening_a_notebook_whose_sandbox_died_brings_back_its_checkpoint(kernel):
+    km, kc = kernel("work/reboot.ipynb")
+    execute(kc, "kept = {'a': 1}")
+    assert execute(kc, "%session checkpoint --name before")[0]["status"] == "ok"
+    execute(kc, "kept['b'] = 2")
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)  # the notebook is closed; its session lives on
+    m = SessionManager(home=os.environ["SANDBOX_KERNEL_HOME"])  # (make_manager closes all)
+    s = m.get("reboot-" + _digest("notebook:work/reboot.ipynb"))
+    os.kill(s.info()["pid"], 9)  # the supervisor: its sandbox dies with it
+    assert _wait_dead(m, s.name)
+    km, kc = kernel("work/reboot.ipynb")  # reopened after, say, a reboot
+    reply, msgs = execute(kc, "kept")
+    assert reply["status"] == "ok", reply
+    assert results(msgs) == ["{'a': 1, 'b': 2}"]  # the checkpoint, then the cell run after it
+    assert "had died" in texts(msgs) and "started again from checkpoint" in texts(msgs)
+
+
+def test_reopening_a_notebook_whose_sandbox_died_without_checkpoint_starts_fresh(kernel):
+    km, kc = kernel("work/gone.ipynb")
+    execute(kc, "kept = 1")
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+    m = SessionManager(home=os.environ["SANDBOX_KERNEL_HOME"])  # (make_manager closes all)
+    s = m.get("gone-" + _digest("notebook:work/gone.ipynb"))
+    os.kill(s.info()["pid"], 9)  # the supervisor: its sandbox dies with it
+    assert _wait_dead(m, s.name)
+    km, kc = kernel("work/gone.ipynb")
+    reply, msgs = execute(kc, "'kept' in globals()")
+    assert results(msgs) == ["False"]
+    assert "fresh session" in texts(msgs)
+
+
+def _digest(key: str) -> str:
+    return hashlib.blake2b(key.encode(), digest_size=3).hexdigest()
+
+
+def _wait_dead(manager, name: str) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if manager.get_info(name)["status"] == "dead":
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_interrupt_during_input(kernel):

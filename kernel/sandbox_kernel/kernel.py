@@ -85,6 +85,8 @@ class SandboxKernel(Kernel):
         self._comm_chain: asyncio.Future[None] | None = None
         self._early: _CellRelay | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: What the first cell should be told about how its session was found.
+        self._notice: str | None = None
 
     # -- start-up: find or create the session, in the background -----------
 
@@ -121,11 +123,27 @@ class SandboxKernel(Kernel):
         if wanted:
             with contextlib.suppress(SessionClosed, SandboxError):
                 session = await manager.get(wanted)
+        if session is not None and session.status == "dead":
+            session = await self._recover(session)
         if session is None:
             session = await manager.create(name=_free_name(manager, key),
                                            language=self.session_language, wait=False)
         manager.registry.bind(key, session.id)
         return await self._adopt(session)
+
+    async def _recover(self, dead: AsyncSession) -> AsyncSession | None:
+        """The notebook's session died (a reboot, a crash): back from its last checkpoint,
+        or None (a fresh session is made) when it has none."""
+        reason = dead.info()["reason"]
+        try:
+            report = await dead.resume()
+        except SandboxError as exc:
+            self._notice = (f"session {dead.name!r} had died ({reason}) and cannot come back "
+                            f"({exc}); this notebook now runs in a fresh session.")
+            return None
+        self._notice = (f"session {dead.name!r} had died ({reason}); it was started again "
+                        f"from checkpoint {report.checkpoint}:\n{report}")
+        return dead
 
     async def _adopt(self, session: AsyncSession) -> AsyncSession:
         self.sandbox = session
@@ -292,6 +310,10 @@ class SandboxKernel(Kernel):
             sandbox = await self._sandbox()
         except SandboxError as exc:
             return self._error_reply(exc)
+        notice, self._notice = self._notice, None
+        if notice:
+            self.send_response(self.iopub_socket, "stream",
+                               {"name": "stderr", "text": notice + "\n"})
         content = {"code": code, "silent": silent, "store_history": store_history,
                    "user_expressions": user_expressions, "allow_stdin": allow_stdin,
                    "stop_on_error": False}
