@@ -284,7 +284,7 @@ class LifecycleMixin:
                 failed.append(f"cell [{cell['execution_count']}]: {result.error['ename']}: "
                               f"{result.error['evalue']}")
         if replayed:
-            report.replayed[f"the cells run after checkpoint {cp['id']}"] = replayed
+            report.replayed[f"the state of the cells run after checkpoint {cp['id']}"] = replayed
         if failed:
             report.lost["state of the cells that failed again"] = "; ".join(failed)
         return report
