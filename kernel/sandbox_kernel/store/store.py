@@ -404,10 +404,16 @@ class _PackWriter:
 
     def _make_durable(self, f: Any, name: str, rows: list[tuple]) -> None:
         tmp = self.store.packs / f".{name}.tmp"
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, self.store.packs / name)
+        try:
+            f.flush()  # the last buffered bytes: a full disk can refuse them here
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, self.store.packs / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f.close()
+            tmp.unlink(missing_ok=True)
+            raise
         dir_fd = os.open(self.store.packs, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
