@@ -431,7 +431,8 @@ class _PackWriter:
 
     def abandon(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # its buffered bytes may not fit either
+                self._file.close()
             (self.store.packs / f".{self._name}.tmp").unlink(missing_ok=True)
             self._file = None
         concurrent.futures.wait(self._flushing)
