@@ -322,6 +322,14 @@ def test_a_torn_registry_log_after_a_crash_leaves_a_consistent_registry(home):
             m.get("a").run("x")
         m.get("a").resume()  # back from the checkpoint that survived
         assert m.get("a").run("print(x)").stdout == "1\n"
+        # A session whose row was in the torn frames left a directory nobody names: gc's.
+        stray = home / "sessions" / "0123456789ab"
+        (stray / "work").mkdir(parents=True)
+        (stray / "work" / "data.txt").write_text("lost with its row")
+        kept = {p.name for p in (home / "sessions").iterdir()} - {stray.name}
+        assert "sessions/0123456789ab" in m.gc()
+        assert {p.name for p in (home / "sessions").iterdir()} == kept
+        assert m.get("a").run("print(x)").stdout == "1\n"
 
 
 def test_a_damaged_registry_file_is_refused_with_what_to_do(home):

@@ -476,13 +476,15 @@ class ArtifactsCommand(_Command):
 
 
 class GcCommand(_Command):
-    description = "Remove package layers that no session uses."
+    description = ("Remove package layers no session uses, stored data nothing references, "
+                   "and directories of sessions the registry lost in a crash.")
     usage = "gc"
 
     def run(self) -> None:
         self.positional(0, "")
         removed = self.manager().gc()
-        print(f"removed {len(removed)} layer{'s' if len(removed) != 1 else ''}"
+        print(f"removed {len(removed)} layer{'s' if len(removed) != 1 else ''} and "
+              "session director" + ("y" if len(removed) == 1 else "ies")
               + (": " + ", ".join(removed) if removed else ""))
 
 

@@ -292,8 +292,10 @@ class SessionManager(LoggingConfigurable):
         return f"{launcher.layers_path(self.installer.layers_dir)}/{layer_id}/site-packages"
 
     def gc(self) -> list[str]:
-        """Remove package layers no session uses, store content nothing references, and the
-        shared-memory directories of sessions that are closed."""
+        """Remove package layers no session uses, store content nothing references, the
+        shared-memory directories of closed sessions, and session directories the registry
+        does not know (a session's row is written before its directory, so such a directory
+        is one whose row a crash took with it)."""
         removed = self.installer.gc(self.registry.layers_in_use())
         self.store.gc()
         if SHM_ROOT.is_dir():
@@ -301,6 +303,12 @@ class SessionManager(LoggingConfigurable):
                 row = self.registry.session(entry.name.removesuffix(".staging"))
                 if row is not None and row["status"] == "closed":
                     shutil.rmtree(entry, ignore_errors=True)
+        sessions = Path(self.home) / "sessions"
+        if sessions.is_dir():
+            for entry in sessions.iterdir():
+                if entry.is_dir() and self.registry.session(entry.name) is None:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(f"sessions/{entry.name}")
         return removed
 
     def _handle(self, row: dict[str, Any]) -> AsyncSession:
