@@ -273,21 +273,30 @@ class LifecycleMixin:
             await self._back_to_paused()
             raise
         later = [e for e in self.manager.registry.executions(self.id)
-                 if cp["execution_id"] is None or e["id"] > cp["execution_id"]]
-        replayed, failed = [], []
-        for cell in later:
-            if cell["status"] != "ok":
-                continue
+                 if e["status"] == "ok"
+                 and (cp["execution_id"] is None or e["id"] > cp["execution_id"])]
+        if later:
+            await self._replay_into(
+                report, f"the state of the cells run after checkpoint {cp['id']}", later)
+        return report
+
+    async def _replay_into(self, report: ResumeReport, what: str,
+                           cells: list[dict[str, Any]]) -> None:
+        """Run recorded cells again, in order; the report says which, and what failed again."""
+        failed = await self._replay_cells(cells)
+        report.replayed[what] = [c["execution_count"] for c in cells]
+        if failed:
+            report.lost["state of the cells that failed again"] = "; ".join(failed)
+
+    async def _replay_cells(self, cells: list[dict[str, Any]]) -> list[str]:
+        """Run recorded cells again, in order; what each one that failed said."""
+        failed = []
+        for cell in cells:
             result = await self._run_internal(cell["code"], check=False)
-            replayed.append(cell["execution_count"])
             if not result.ok:
                 failed.append(f"cell [{cell['execution_count']}]: {result.error['ename']}: "
                               f"{result.error['evalue']}")
-        if replayed:
-            report.replayed[f"the state of the cells run after checkpoint {cp['id']}"] = replayed
-        if failed:
-            report.lost["state of the cells that failed again"] = "; ".join(failed)
-        return report
+        return failed
 
     async def _relaunch(self, row: dict[str, Any]) -> None:
         old = self.manager._supervisor_pid(row)
@@ -600,16 +609,8 @@ class LifecycleMixin:
         if files and cp["manifest"].get("files"):
             report.files = await asyncio.to_thread(self._place_files, cp["manifest"]["files"], cp)
         cells = [e for e in self._cells_until(cp) if e["status"] == "ok"]
-        failed = []
-        for cell in cells:
-            result = await self._run_internal(cell["code"], check=False)
-            if not result.ok:
-                failed.append(f"cell [{cell['execution_count']}]: {result.error['ename']}: "
-                              f"{result.error['evalue']}")
-        report.replayed[f"{self._row['language']} state (not serializable)"] = [
-            c["execution_count"] for c in cells]
-        if failed:
-            report.lost["state of the cells that failed again"] = "; ".join(failed)
+        await self._replay_into(report, f"{self._row['language']} state (not serializable)",
+                                cells)
         self.manager.registry.renew(self.id)
         return report
 
@@ -722,12 +723,7 @@ class LifecycleMixin:
         history = self._cells_until(cp)
         available = set(report.restored) | set(report.imports)
         plan = plan_replay(history, missing, available)
-        failures = []
-        for cell in plan.cells:
-            result = await self._run_internal(cell["code"], check=False)
-            if not result.ok:
-                failures.append(f"cell [{cell['execution_count']}] failed again: "
-                                f"{result.error['ename']}: {result.error['evalue']}")
+        failures = await self._replay_cells(plan.cells)
         names = list(missing)
         present: list[str] = []
         if names:
@@ -745,7 +741,8 @@ class LifecycleMixin:
                 if name in plan.unknown:
                     why += f"; {plan.unknown[name]}"
                 elif failures:
-                    why += "; replay did not rebuild it (" + "; ".join(failures) + ")"
+                    why += ("; replay did not rebuild it (failed again: "
+                            + "; ".join(failures) + ")")
                 report.lost[name] = why
         return plan.clobbered
 
