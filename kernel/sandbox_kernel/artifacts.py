@@ -16,6 +16,7 @@ import fnmatch
 import json
 import mimetypes
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from traitlets.config import LoggingConfigurable
 
 from .errors import InvalidArgument, SandboxError
 from .workdir import WorkDir
+
+TAG_PATTERN = re.compile(r"[\w.:/=+@-]{1,64}")  # fullmatch: "$" would let "tag\n" in
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -83,7 +86,7 @@ class Artifact:
         return target
 
     def tag(self, *tags: str) -> Artifact:
-        self.tags = sorted({*self.tags, *(_check_tag(t) for t in tags)})
+        self.tags = sorted({*self.tags, *(check_tag(t) for t in tags)})
         self._registry.set_artifact_tags(self.id, self.tags)
         return self
 
@@ -192,9 +195,8 @@ class ArtifactRecorder:
                                    when)
 
 
-def _check_tag(tag: str) -> str:
-    from .manager import TAG_PATTERN
-
+def check_tag(tag: str) -> str:
+    """A session's or an artifact's tag, as given, or InvalidArgument."""
     if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
         raise InvalidArgument(f"invalid tag {tag!r}: 1-64 letters, digits or . : / = + @ -")
     return tag

@@ -34,7 +34,7 @@ from traitlets import Bool, Dict, Enum, Float, Instance, Int, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import portal
-from .artifacts import ArtifactPolicy
+from .artifacts import ArtifactPolicy, check_tag
 from .deno_packages import DenoPackages, parse_specs
 from .errors import (
     InvalidArgument,
@@ -59,7 +59,6 @@ from .workdir import relative_parts
 
 # Used with fullmatch: a "^...$" pattern with match() lets "name\n" through.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-TAG_PATTERN = re.compile(r"[\w.:/=+@-]{1,64}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 #: Starts the supervisor with the standard library alone (-I -S): fast, and
@@ -805,12 +804,7 @@ def _check_tags(tags: Iterable[str] | None) -> list[str]:
         return []
     if isinstance(tags, str):
         tags = [tags]
-    out = []
-    for tag in tags:
-        if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
-            raise InvalidArgument(f"invalid tag {tag!r}: 1-64 letters, digits or . : / = + @ -")
-        out.append(tag)
-    return sorted(set(out))
+    return sorted({check_tag(tag) for tag in tags})
 
 
 def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
