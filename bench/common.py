@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import statistics
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from sandbox_kernel import SessionManager
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -63,3 +73,23 @@ def close_all(manager) -> None:
     for row in manager.registry.sessions(
             status=["starting", "running", "frozen", "paused", "dead"]):
         manager.close(row["id"])
+
+
+@contextlib.contextmanager
+def bench_manager(prefix: str, **config: Any) -> Iterator[tuple[SessionManager, Path]]:
+    """A manager over a throwaway state directory, which kernels started meanwhile inherit
+    (SANDBOX_KERNEL_HOME); afterwards every session is closed and the directory removed."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.environ["SANDBOX_KERNEL_HOME"] = str(home)
+    manager = SessionManager(home=str(home), **config)
+    try:
+        yield manager, home
+    finally:
+        close_all(manager)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def report(rows: list[Row], name: str) -> None:
+    """The table on stdout, the figures in bench/results/NAME.json."""
+    print_table(rows)
+    save(rows, RESULTS / f"{name}.json")

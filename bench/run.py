@@ -6,10 +6,7 @@ Usage: python bench/run.py [--quick]
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -18,9 +15,7 @@ from bench_core import bench_create, bench_kernel_cell, bench_run  # noqa: E402
 from bench_files import bench_files  # noqa: E402
 from bench_lifecycle import bench_lifecycle, bench_pool  # noqa: E402
 from bench_packages import bench_packages  # noqa: E402
-from common import close_all, print_table, save  # noqa: E402
-
-from sandbox_kernel import SessionManager  # noqa: E402
+from common import bench_manager, report  # noqa: E402
 
 
 def main() -> None:
@@ -29,10 +24,7 @@ def main() -> None:
     parser.add_argument("--no-network", action="store_true",
                         help="skip the rows that install packages from the registry")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="skb-", dir="/tmp"))
-    os.environ["SANDBOX_KERNEL_HOME"] = str(home)  # kernels started here inherit it
-    manager = SessionManager(home=str(home))
-    try:
+    with bench_manager("skb-") as (manager, home):
         rows = bench_create(manager, rounds=2 if args.quick else 7)
         rows += bench_run(manager, rounds=100 if args.quick else 600)
         rows += bench_kernel_cell(rounds=100 if args.quick else 600)
@@ -42,11 +34,7 @@ def main() -> None:
         rows += bench_pool(home / "pool", rounds=3 if args.quick else 11)
         if not args.no_network:
             rows += bench_packages(manager)
-    finally:
-        close_all(manager)
-        shutil.rmtree(home, ignore_errors=True)
-    print_table(rows)
-    save(rows, Path(__file__).resolve().parent / "results" / "latest.json")
+    report(rows, "latest")
 
 
 if __name__ == "__main__":

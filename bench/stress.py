@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +29,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, close_all, median, percentile, print_table, save  # noqa: E402
+from common import Row, bench_manager, close_all, median, percentile, report  # noqa: E402
 
 from sandbox_kernel import SessionManager  # noqa: E402
 
@@ -200,19 +197,13 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=40)
     parser.add_argument("--registry", type=int, default=1000)
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="sks-", dir="/tmp"))
-    os.environ["SANDBOX_KERNEL_HOME"] = str(home)
-    manager = SessionManager(home=str(home), isolation="bwrap", max_sessions=args.sessions + 8)
-    try:
+    with bench_manager("sks-", isolation="bwrap", max_sessions=args.sessions + 8) as (
+            manager, home):
         rows = stress_held(manager, args.sessions)
         close_all(manager)  # the next load starts on an idle machine
         rows += stress_clients(manager, home, args.clients, args.cells)
         rows += stress_registry(manager, home, args.registry)
-    finally:
-        close_all(manager)
-        shutil.rmtree(home, ignore_errors=True)
-    print_table(rows)
-    save(rows, Path(__file__).resolve().parent / "results" / "stress.json")
+    report(rows, "stress")
 
 
 if __name__ == "__main__":
