@@ -209,6 +209,8 @@ def small_home():
     try:
         yield mount_point / "h"
     finally:
+        # Room first (a failed test may leave the filler): closing writes to the registry.
+        (mount_point / "filler").unlink(missing_ok=True)
         with make_manager(mount_point / "h"):
             pass
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
