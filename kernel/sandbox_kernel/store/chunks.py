@@ -2,8 +2,10 @@
 
 Content-defined cut points move with the content, so inserting bytes into a
 file changes only the chunks around the insertion; every other chunk keeps
-its hash and is not stored again. A file's hash is BLAKE3 over its ordered
-chunk hashes, so it can be checked chunk by chunk while streaming.
+its hash and is not stored again. Memory buffers, which change in place and
+do not grow in the middle, are cut at fixed offsets instead (cheaper). A
+file's hash is BLAKE3 over its ordered chunk hashes, so it can be checked
+chunk by chunk while streaming.
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ def cut(path: str | Path) -> Iterator[bytes]:
     with open(path, "rb", buffering=0) as f:
         for chunk in chunker().cut_stream(f):
             yield bytes(chunk.data)
+
+
+def cut_fixed(path: str | Path, size: int) -> Iterator[bytes]:
+    """The file in pieces of ``size`` bytes (the last one shorter).
+
+    For memory buffers (a NumPy array's data, captured by a snapshot): they change
+    in place, where content-defined cuts buy nothing, and finding those cuts
+    costs more than hashing the chunks does (about 0.55 s against 0.35 s per GiB
+    here).
+    """
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            data = f.read(size)
+            if not data:
+                return
+            while len(data) < size:  # a pipe or a short read: fill the chunk
+                more = f.read(size - len(data))
+                if not more:
+                    break
+                data += more
+            yield data
 
 
 def chunk_hash(data: bytes | memoryview) -> str:

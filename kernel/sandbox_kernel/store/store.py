@@ -29,7 +29,7 @@ from typing import Any
 import zstandard
 
 from ..errors import SandboxError
-from .chunks import chunk_hash, cut, file_hash
+from .chunks import chunk_hash, cut, cut_fixed, file_hash
 
 RAW, ZSTD = 0, 1
 _SCHEMA = """
@@ -52,6 +52,17 @@ _BATCH = 256  # chunks looked up in the index at once
 #: The second half of a large export (see ContentStore.export).
 _EXPORTS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
                                                  thread_name_prefix="sandbox-kernel-export")
+
+
+def _lower_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+#: Verification of packs handed out to be mapped: at a lower priority, so that the
+#: sandbox a resume starts meanwhile gets the CPU first.
+_VERIFY_READ = 4 << 20  # bytes read at once while verifying
+_VERIFY = concurrent.futures.ThreadPoolExecutor(max_workers=4, initializer=_lower_priority,
+                                                thread_name_prefix="sandbox-kernel-verify")
 
 
 class CorruptChunk(SandboxError):
@@ -129,16 +140,26 @@ class ContentStore:
         path: str | Path,
         copy_to: str | Path | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        one_pack: bool = False,
+        fixed_chunks: int | None = None,
     ) -> FileRecord:
-        """Store a local file (and, in the same pass, copy it to ``copy_to``)."""
-        writer = _PackWriter(self)
+        """Store a local file (and, in the same pass, copy it to ``copy_to``).
+
+        ``one_pack`` keeps all of the file's new chunks in one pack, however large:
+        when every chunk is new and incompressible, that pack is then the file byte
+        for byte, and :meth:`pack_holding` can hand it out to be mapped. (Uploads
+        keep to ``pack_size``, so that a killed upload keeps the packs it finished.)
+        ``fixed_chunks`` cuts at fixed offsets, every so many bytes (see
+        :func:`chunks.cut_fixed`): for memory buffers, which change in place.
+        """
+        writer = _PackWriter(self, one_pack)
         chunks: list[tuple[str, int]] = []
         record = FileRecord("", 0, chunks)
         compress: bool | None = None
         batch: list[tuple[str, memoryview]] = []
         out = open(copy_to, "wb") if copy_to is not None else None  # noqa: SIM115
         try:
-            for data in cut(path):
+            for data in (cut_fixed(path, fixed_chunks) if fixed_chunks else cut(path)):
                 if compress is None:
                     compress = len(zstandard.compress(bytes(data), 1)) < 0.9 * len(data)
                 if out is not None:
@@ -228,13 +249,85 @@ class ContentStore:
         except (OSError, zstandard.ZstdError):
             data = b""
         if chunk_hash(data) != digest:
-            with self._db() as db:  # never serve it again; the next upload of it repairs it
-                db.execute("DELETE FROM chunks WHERE hash=?", (digest,))
-            raise CorruptChunk(
-                f"chunk {digest[:16]}… in pack {pack} is corrupt (its hash does not match); "
-                "it was not served. Upload the file again to repair the store."
-            )
+            raise self._corrupt(digest, pack)
         return data
+
+    def _corrupt(self, digest: str, pack: str) -> CorruptChunk:
+        with self._db() as db:  # never serve it again; the next upload of it repairs it
+            db.execute("DELETE FROM chunks WHERE hash=?", (digest,))
+        return CorruptChunk(
+            f"chunk {digest[:16]}… in pack {pack} is corrupt (its hash does not match); "
+            "it was not served. Upload the file again to repair the store."
+        )
+
+    def pack_holding(self, digest: str) -> Path | None:
+        """The pack whose bytes are exactly this file's, verified; None if it is not stored so.
+
+        A sandbox can map such a pack copy-on-write instead of being handed a copy
+        of the file: resuming a session then writes nothing, where a copy of its
+        arrays costs a new page of memory for every page of data. Only a pack that
+        is the file byte for byte qualifies (raw chunks, in order, nothing else in
+        it: see ``ingest(one_pack=True)``), so whoever maps it sees that file and
+        nothing more. Its chunks are verified first, as on every read.
+        """
+        record = self.file(digest)
+        if record is None or file_hash(h for h, _ in record.chunks) != digest:
+            return None  # export() says what is wrong
+        where = self._locate([h for h, _ in record.chunks])
+        packs = {w[0] for w in where.values()}
+        if len(packs) != 1 or len(where) != len(record.chunks):
+            return None
+        offsets, pos = [], 0
+        for h, size in record.chunks:
+            if where[h][1:] != (pos, size, RAW):
+                return None
+            offsets.append(pos)
+            pos += size
+        pack = packs.pop()
+        path = self.packs / pack
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != record.size:
+                    return None
+                bad = self._verify_in_place(f.fileno(), record.chunks, offsets)
+        except (OSError, ValueError):
+            return None
+        if bad is not None:
+            raise self._corrupt(bad, pack)
+        return path
+
+    @staticmethod
+    def _verify_in_place(fd: int, chunks: list[tuple[str, int]], offsets: list[int]
+                         ) -> str | None:
+        """The first chunk whose bytes in the file do not match its hash, or None.
+
+        Read, not mapped: a disk error while reading a mapping would kill this
+        process (SIGBUS), where a read raises. Runs of chunks are read into one
+        buffer per thread, by two threads over halves of the chunks (BLAKE3 and
+        reads release the GIL).
+        """
+        def part(lo: int, hi: int) -> str | None:
+            buffer = bytearray(_VERIFY_READ)
+            i = lo
+            while i < hi:  # chunks i..j-1: a run that fits the buffer (at least one chunk)
+                j = i + 1
+                while j < hi and offsets[j] + chunks[j][1] - offsets[i] <= _VERIFY_READ:
+                    j += 1
+                size = offsets[j - 1] + chunks[j - 1][1] - offsets[i]
+                run = memoryview(buffer if size <= len(buffer) else bytearray(size))[:size]
+                if os.preadv(fd, [run], offsets[i]) != size:
+                    return chunks[i][0]
+                for k in range(i, j):
+                    at = offsets[k] - offsets[i]
+                    if chunk_hash(run[at:at + chunks[k][1]]) != chunks[k][0]:
+                        return chunks[k][0]
+                i = j
+            return None
+
+        half = len(chunks) // 2
+        halves = [_VERIFY.submit(part, 0, half), _VERIFY.submit(part, half, len(chunks))]
+        first, second = (h.result() for h in halves)
+        return first or second
 
     def export(self, digest: str, dest: str | Path,
                on_bytes: Callable[[int], None] | None = None, fsync: bool = True) -> FileRecord:
@@ -364,8 +457,9 @@ class _PackWriter:
     _flusher = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                      thread_name_prefix="sandbox-kernel-packs")
 
-    def __init__(self, store: ContentStore):
+    def __init__(self, store: ContentStore, one_pack: bool = False):
         self.store = store
+        self.one_pack = one_pack
         self.pending: set[str] = set()
         self._rows: list[tuple] = []
         self._file = None
@@ -388,11 +482,30 @@ class _PackWriter:
         self._file.write(payload)
         self._rows.append((digest, self._name, self._size, len(payload), len(data), codec,
                            time.time()))
+        before = self._size
         self._size += len(payload)
         self.pending.add(digest)
-        if self._size >= self.store.pack_size:
-            self._seal()
+        if self._size // self.store.pack_size > before // self.store.pack_size:
+            if self.one_pack:
+                self._write_back()
+            else:
+                self._seal()
         return len(payload)
+
+    def _write_back(self) -> None:
+        """Start writing a growing pack to disk in the background, so that its final
+        fsync waits for the last part only, not for the whole pack."""
+        assert self._file is not None
+        self._file.flush()
+        fd = os.dup(self._file.fileno())  # its own descriptor: the pack may be closed first
+
+        def write_back() -> None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        self._flushing.append(self._flusher.submit(write_back))
 
     def _seal(self) -> None:
         """Hand the current pack to the background: fsync, rename, then index."""
