@@ -13,10 +13,12 @@ setup: system-deps $(STAMP)
 system-deps:
 	@bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml
+# --compile-bytecode: sandboxes see this environment read-only and cannot write the
+# bytecode cache, so without it every kernel start compiles what it imports.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]'
 	$(BIN)/sandbox-kernel install --sys-prefix
 	touch $(STAMP)
 

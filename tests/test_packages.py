@@ -87,6 +87,8 @@ def test_packages_are_read_only_in_the_sandbox(pkg_manager):
                 "    print('written')\nexcept OSError as e:\n    print(type(e).__name__)")
     assert out.stdout.strip() in ("OSError", "PermissionError")
     assert "site-packages" in s.run("skdemo_gamma.__file__").result
+    # ... so its bytecode was compiled when the layer was built: the sandbox cannot write it.
+    assert s.run("os.path.isfile(skdemo_gamma.__cached__)").result == "True"
 
 
 def test_a_failed_install_leaves_the_session_as_it_was(pkg_manager):

@@ -291,8 +291,12 @@ class PackageInstaller(LoggingConfigurable):
                 return layer_id, False
             tmp = Path(tempfile.mkdtemp(prefix=f".build-{layer_id}-", dir=self.layers_dir))
             try:
+                # --compile-bytecode: sandboxes see the layer read-only, so without the
+                # bytecode every session would compile each module it imports, every time
+                # (pandas: 2.1 s to import instead of 0.4 s here).
                 self._uv("pip", "install", "--no-deps", "--target", str(tmp / "site-packages"),
-                         "--python", python, "--quiet", *self._index_args(),
+                         "--python", python, "--quiet", "--compile-bytecode",
+                         *self._index_args(),
                          *(f"{n}=={v}" for n, v in sorted(pins.items())),
                          action="install " + ", ".join(f"{n}=={v}" for n, v in pins.items()),
                          hold=(lock_fd,))
