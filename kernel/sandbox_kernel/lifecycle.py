@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -49,7 +50,7 @@ from .errors import (
 from .paths import SessionLayout
 from .replay import plan_replay
 from .sandbox import supervisor
-from .sandbox.launcher import INSIDE_KERNEL, INSIDE_SNAPSHOTS
+from .sandbox.launcher import INSIDE_KERNEL, INSIDE_SNAPSHOTS, INSIDE_VIEWS
 from .snapshot import REPORT, request_code
 from .store import FileRecord
 from .timing import Timing
@@ -60,6 +61,14 @@ if TYPE_CHECKING:
 
 #: Variables smaller than this are exported and loaded first, while the large ones export.
 _EARLY_BYTES = 16 * 2**20
+#: Buffers from this size on are mapped by the kernel (snapshot.py), so worth a view.
+_VIEW_BYTES = 1 << 20
+#: Chunks of captured buffers (see chunks.cut_fixed): as large as the largest content-defined
+#: chunk. Four times fewer than at 64 KiB, which makes verifying a GiB before it is mapped
+#: take 0.4 s instead of 0.7 s here; a change in place rewrites 256 KiB around it.
+_BUFFER_CHUNK = 256 << 10
+#: The files a capture writes: a pickle per variable, and its out-of-band buffers.
+_BLOB = re.compile(r"v\d+\.(?:pkl|b\d+)")
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="sandbox-kernel-snapshot")
 #: Present while a session is frozen or paused (or being paused): attached clients check
@@ -105,10 +114,28 @@ class SnapshotDir:
     inside: str
     #: Host-only, on the same filesystem: files are written here, then renamed in.
     staging: Path
+    #: The session's views directory (host, inside), when its kernel can read it.
+    views: tuple[Path, str] | None = None
+
+    def view(self, pack: Path, name: str) -> str | None:
+        """Show the kernel a stored pack (by a link in the read-only views directory);
+        the path it reads it by, or None where the pack cannot be linked there."""
+        if self.views is None:
+            return None
+        host, inside = self.views
+        link = f"{self.name}-{name}"
+        try:
+            os.link(pack, host / link)
+        except OSError:
+            return None  # another filesystem, say: the caller exports a copy
+        return f"{inside}/{link}"
 
     def remove(self) -> None:
         shutil.rmtree(self.base.root / self.name, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
+        if self.views is not None:  # mappings the kernel made stay; the names go
+            for link in self.views[0].glob(f"{self.name}-*"):
+                link.unlink(missing_ok=True)
 
 
 def _free_bytes(path: Path) -> int:
@@ -128,6 +155,8 @@ class ResumeReport:
     #: Variables that could not come back -> why.
     lost: dict[str, str] = field(default_factory=dict)
     files: int = 0
+    #: Bytes the kernel mapped from the store's packs rather than receiving a copy.
+    mapped: int = 0
     timing: dict[str, float] = field(default_factory=dict)
     thawed: bool = False
 
@@ -142,6 +171,13 @@ class ResumeReport:
         for name, why in self.lost.items():
             lines.append(f"could not restore {name}: {why}")
         return "\n".join(lines)
+
+
+def _requested(variables: dict[str, Any], names: Iterable[str], shown: dict[str, str]
+               ) -> dict[str, Any]:
+    """The load request for ``names``: each variable's files, by view where it has one."""
+    return {v: {"files": [shown.get(f, f) for f, _, _ in variables[v]["files"]]}
+            for v in names}
 
 
 class LifecycleMixin:
@@ -476,13 +512,19 @@ class LifecycleMixin:
             staging = layout.root / "staging"
         # The lifecycle lock is held: any other snapshot directory was left by a client
         # killed mid-pause or mid-resume, and is garbage now.
-        for where in (layout.kernel, layout.snapshots):
+        for where in (layout.kernel, layout.snapshots, layout.views):
             if where is not None and where.is_dir():
                 for stale in where.glob("snap-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
         (base / name).mkdir(mode=0o700)
+        views = None
+        if (layout.views / ".bound").exists():
+            views = layout.views, INSIDE_VIEWS if bwrap else str(layout.views)
         return SnapshotDir(base=WorkDir(base), name=name, inside=f"{inside_base}/{name}",
-                           staging=staging / name)
+                           staging=staging / name, views=views)
 
     async def _run_internal(self, code: str, check: bool = True,
                             expressions: dict[str, str] | None = None) -> Any:
@@ -539,13 +581,21 @@ class LifecycleMixin:
             return await self._capture_by_replay(kind, name, files)
         snap = self._snapshot_dir(in_memory_bytes=self._capture_estimate())
         started = time.perf_counter()
+        storing: dict[str, concurrent.futures.Future[FileRecord]] = {}
+        capturing = asyncio.ensure_future(self._run_internal(request_code(
+            {"op": "capture", "dir": snap.inside, "timeout": self.manager.variable_timeout})))
         try:
-            await self._run_internal(request_code(
-                {"op": "capture", "dir": snap.inside, "timeout": self.manager.variable_timeout}))
+            # Each file goes into the store as soon as the kernel has written it, while
+            # the kernel pickles and writes the next: the two take about as long.
+            while not capturing.done():
+                self._store_written(snap, storing)
+                await asyncio.wait([capturing], timeout=0.005)
+            await capturing
             captured = time.perf_counter()
             report = self._read_report(snap)
             names = [f for v in report["variables"].values() for f in v["files"]]
-            records = await asyncio.to_thread(self._ingest_snapshot, snap, names)
+            self._store_written(snap, storing, names)
+            records = {f: await asyncio.wrap_future(storing[f]) for f in names}
             variables = {
                 var: {"files": [[f, records[f].hash, records[f].size] for f in v["files"]],
                       "type": v["type"], "size": v["size"], "pickler": v["pickler"]}
@@ -553,6 +603,9 @@ class LifecycleMixin:
             }
             work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
         finally:
+            capturing.cancel()
+            if storing:  # none may still read from the directory being removed
+                await asyncio.wait([asyncio.wrap_future(f) for f in storing.values()])
             snap.remove()
         stats = {"capture_seconds": round(captured - started, 6),
                  "store_seconds": round(time.perf_counter() - captured, 6)}
@@ -614,14 +667,28 @@ class LifecycleMixin:
         self.manager.registry.renew(self.id)
         return report
 
-    def _ingest_snapshot(self, snap: SnapshotDir, names: list[str]) -> dict[str, FileRecord]:
-        store = self.manager.store
+    def _store_written(self, snap: SnapshotDir,
+                       storing: dict[str, concurrent.futures.Future[FileRecord]],
+                       names: list[str] | None = None) -> None:
+        """Start storing the snapshot's files not yet being stored: ``names``, or those the
+        kernel has finished writing so far (see snapshot.capture)."""
+        if names is None:
+            with snap.base.directory((snap.name,)) as fd:
+                names = [n for n in os.listdir(fd) if _BLOB.fullmatch(n)]
+        for name in names:
+            if name not in storing:
+                storing[name] = _POOL.submit(self._store_blob, snap, name)
 
-        def one(name: str) -> FileRecord:
-            with snap.base.open_file((snap.name, name)) as (fd, _):
-                return store.ingest(f"/proc/self/fd/{fd}")
-
-        return dict(zip(names, _POOL.map(one, names), strict=True))
+    def _store_blob(self, snap: SnapshotDir, name: str) -> FileRecord:
+        with snap.base.open_file((snap.name, name)) as (fd, _):
+            # One pack per blob: a large buffer's pack is then the buffer itself,
+            # which a resume shows the kernel instead of copying it (_export_snapshot).
+            # Buffers (".bN", next to their variable's ".pkl") are cut at fixed offsets.
+            fixed = None if name.endswith(".pkl") else _BUFFER_CHUNK
+            record = self.manager.store.ingest(f"/proc/self/fd/{fd}", one_pack=True,
+                                               fixed_chunks=fixed)
+        snap.base.unlink((snap.name, name))  # frees its memory now, not after the rest
+        return record
 
     def _ingest_work_dir(self) -> dict[str, tuple[int, FileRecord]]:
         """Every regular file of the work directory, into the store (unchanged ones by stat)."""
@@ -662,20 +729,20 @@ class LifecycleMixin:
         report = ResumeReport(checkpoint=cp["id"])
         variables = manifest["variables"]
         snap = self._snapshot_dir(in_memory_bytes=sum(v["size"] for v in variables.values()))
-        inside = snap.inside
-        wanted = {var: {"files": [f for f, _, _ in v["files"]]} for var, v in variables.items()}
         early = {var for var, v in variables.items() if v["size"] < _EARLY_BYTES}
         try:
-            loaded = await self._load_exported(cp, snap, relaunch, reset, wanted, early)
+            loaded, shown = await self._load_exported(cp, snap, relaunch, reset, early)
+            report.mapped = sum(size for v in variables.values() for f, _, size in v["files"]
+                                if f in shown)
             if files and manifest.get("files"):
                 report.files = await asyncio.to_thread(self._place_files, manifest["files"], cp)
             report.restored, report.imports = loaded["restored"], loaded["imports"]
             missing = {**manifest["skipped"], **loaded["failed"]}
             clobbered = await self._replay_missing(cp, missing, report)
             if clobbered:  # replayed cells overwrote restored variables: load them again
-                again = {v: wanted[v] for v in clobbered if v in wanted}
-                await self._run_internal(request_code({"op": "load", "dir": inside,
-                                                       "variables": again}))
+                await self._run_internal(request_code({
+                    "op": "load", "dir": snap.inside,
+                    "variables": _requested(variables, clobbered & variables.keys(), shown)}))
         finally:
             snap.remove()
         self.manager.registry.renew(self.id)
@@ -683,39 +750,44 @@ class LifecycleMixin:
 
     async def _load_exported(self, cp: dict[str, Any], snap: SnapshotDir,
                              relaunch: dict[str, Any] | None, reset: bool,
-                             wanted: dict[str, Any], early: set[str]) -> dict[str, Any]:
+                             early: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
         """Export and load in two batches, small variables first: the kernel imports and
         unpickles them while the large arrays are still being exported (those are then
-        only mapped). With ``relaunch``, the sandbox starts meanwhile too."""
+        only mapped). With ``relaunch``, the sandbox starts meanwhile too. Returns the
+        kernel's report and the files it was shown in the store's packs (see
+        :meth:`_export_snapshot`)."""
         manifest = cp["manifest"]
-        late = [var for var in wanted if var not in early]
+        variables = manifest["variables"]
+        late = [var for var in variables if var not in early]
         exporting_early = asyncio.ensure_future(
             asyncio.to_thread(self._export_snapshot, cp, snap, early, "early"))
 
-        async def export_late() -> None:
+        async def export_late() -> dict[str, str]:
             await exporting_early
-            await asyncio.to_thread(self._export_snapshot, cp, snap, late, "late")
+            return await asyncio.to_thread(self._export_snapshot, cp, snap, late, "late")
 
         exporting = asyncio.ensure_future(export_late())
+        await asyncio.sleep(0)  # let the export start before the relaunch holds the loop
         try:
             if relaunch is not None:
                 await self._relaunch(relaunch)
-            await exporting_early
+            shown = dict(await exporting_early)
             await self._run_internal(request_code({
                 "op": "restore", "dir": snap.inside, "imports": manifest["imports"],
-                "variables": {v: wanted[v] for v in early},
+                "variables": _requested(variables, early, shown),
                 "execution_count": manifest["execution_count"], "reset": reset}))
             loaded = self._read_report(snap)
         finally:
             await asyncio.wait([exporting])
-        exporting.result()
+        shown.update(exporting.result())
         if late:
             await self._run_internal(request_code({
-                "op": "load", "dir": snap.inside, "variables": {v: wanted[v] for v in late}}))
+                "op": "load", "dir": snap.inside,
+                "variables": _requested(variables, late, shown)}))
             more = self._read_report(snap)
             loaded["restored"] += more["restored"]
             loaded["failed"].update(more["failed"])
-        return loaded
+        return loaded, shown
 
     async def _replay_missing(self, cp: dict[str, Any], missing: dict[str, str],
                               report: ResumeReport) -> set[str]:
@@ -747,22 +819,32 @@ class LifecycleMixin:
         return plan.clobbered
 
     def _export_snapshot(self, cp: dict[str, Any], snap: SnapshotDir, variables: Iterable[str],
-                         batch: str) -> None:
-        """Those variables' blobs, verified, into the snapshot directory (never through a link)."""
+                         batch: str) -> dict[str, str]:
+        """Those variables' blobs, verified, into the snapshot directory (never through a
+        link); or, for a large buffer that a pack of the store holds exactly, a view of
+        that pack, which the kernel maps copy-on-write: nothing is copied, and the
+        resumed arrays share the page cache until they are written to. Returns the
+        files shown by views, with the path the kernel reads each by."""
         staging = snap.staging / batch
         staging.mkdir(parents=True, exist_ok=True)
         store = self.manager.store
         every = cp["manifest"]["variables"]
-        items = [(f, h) for v in variables for f, h, _ in every[v]["files"]]
+        items = [(f, h, size) for v in variables for f, h, size in every[v]["files"]]
 
-        def one(item: tuple[str, str]) -> None:
-            name, digest = item
+        def one(item: tuple[str, str, int]) -> tuple[str, str] | None:
+            name, digest, size = item
+            if size >= _VIEW_BYTES and snap.views is not None:
+                pack = store.pack_holding(digest)
+                shown = snap.view(pack, name) if pack is not None else None
+                if shown is not None:
+                    return name, shown
             staged = staging / name
             store.export(digest, staged, fsync=False)
             snap.base.place(staged, (snap.name, name))
+            return None
 
         try:
-            list(_POOL.map(one, items))
+            return dict(r for r in _POOL.map(one, items) if r is not None)
         except SandboxError as exc:
             raise SnapshotDamaged(self._damaged(cp, exc)) from None
         finally:

@@ -30,7 +30,8 @@ class SessionLayout:
 
     ``work`` is the user's files and the kernel's cwd; ``tmp`` backs /tmp
     for unconfined (process) sandboxes; ``kernel`` holds the connection file and the ipc sockets;
-    ``etc`` the few generated files the sandbox sees in /etc. The session
+    ``etc`` the few generated files the sandbox sees in /etc; ``views`` stored
+    packs it may read while it loads a snapshot. The session
     directory also keeps the supervisor's plan, state and logs, which are not
     bound.
     """
@@ -52,6 +53,12 @@ class SessionLayout:
     @property
     def etc(self) -> Path:
         return self.root / "etc"
+
+    @property
+    def views(self) -> Path:
+        """Links to stored packs the kernel may map while it loads a snapshot (see
+        lifecycle); bound read-only, and empty except during a load."""
+        return self.root / "views"
 
     @property
     def connection_file(self) -> Path:
@@ -80,5 +87,5 @@ class SessionLayout:
         return self.kernel / "k"
 
     def make(self) -> None:
-        for d in (self.root, self.work, self.tmp, self.kernel, self.etc):
+        for d in (self.root, self.work, self.tmp, self.kernel, self.etc, self.views):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -116,9 +116,12 @@ def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, 
                 report["skipped"][name] = reason[:300]
                 continue
             files = [f"v{index}.pkl"] + [f"v{index}.b{i}" for i in range(len(raws))]
-            _write(os.path.join(out_dir, files[0]), data)
-            for file, raw in zip(files[1:], raws, strict=True):
-                _write(os.path.join(out_dir, file), raw)
+            for file, blob in zip(files, [data, *raws], strict=True):
+                # Written under a hidden name, then renamed: the host stores each file
+                # as soon as its name appears, while the next one is written.
+                part = os.path.join(out_dir, f".{file}.part")
+                _write(part, blob)
+                os.rename(part, os.path.join(out_dir, file))
             report["variables"][name] = {
                 "files": files, "type": f"{type(value).__module__}.{type(value).__qualname__}",
                 "size": len(data) + sum(r.nbytes for r in raws), "pickler": how,

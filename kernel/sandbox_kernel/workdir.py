@@ -96,6 +96,11 @@ class WorkDir:
         finally:
             os.close(fd)
 
+    def unlink(self, parts: tuple[str, ...]) -> None:
+        """Remove a file (a link itself, never what it points to), if it is there."""
+        with self.directory(parts[:-1]) as fd, contextlib.suppress(FileNotFoundError):
+            os.unlink(parts[-1], dir_fd=fd)
+
     def lstat(self, parts: tuple[str, ...]) -> os.stat_result | None:
         try:
             with self.directory(parts[:-1]) as fd:

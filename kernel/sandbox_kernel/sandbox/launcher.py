@@ -28,6 +28,7 @@ INSIDE_KERNEL = "/run/kernel"
 INSIDE_TMP = "/tmp"
 INSIDE_LAYERS = "/opt/sandbox-kernel/layers"
 INSIDE_SNAPSHOTS = "/run/snapshot"
+INSIDE_VIEWS = "/run/views"
 LAYERS_ENV = "SANDBOX_KERNEL_LAYERS"
 SANDBOX_UID = 1000
 
@@ -97,6 +98,7 @@ class SandboxLauncher(LoggingConfigurable):
     ) -> LaunchPlan:
         conn = str(layout.kernel / "kernel.json")
         _offer_snapshots(layout)
+        _offer_views(layout)
         env = base_env(str(layout.work), str(layout.tmp), _bin_dirs(command))
         env.update(command.env)
         env.update(user_env)
@@ -199,6 +201,7 @@ class BwrapLauncher(SandboxLauncher):
             "--dev", "/dev",
             "--tmpfs", "/dev/shm",
             *(["--bind", str(shm), INSIDE_SNAPSHOTS] if shm else []),
+            "--ro-bind", str(_offer_views(layout)), INSIDE_VIEWS,
             "--bind", str(layout.kernel), INSIDE_KERNEL,
             "--bind", str(layout.work), INSIDE_WORK,
             "--remount-ro", "/",
@@ -218,6 +221,17 @@ class BwrapLauncher(SandboxLauncher):
             work_dir_inside=INSIDE_WORK,
             layers_inside=INSIDE_LAYERS,
         )
+
+
+def _offer_views(layout: SessionLayout) -> Path:
+    """The session's views directory, marked as reachable (read-only) by its kernel.
+
+    Sandboxes launched before views existed lack the bind and the mark; their
+    snapshots are then loaded from copies.
+    """
+    layout.views.mkdir(mode=0o700, exist_ok=True)
+    (layout.views / ".bound").touch()
+    return layout.views
 
 
 def _offer_snapshots(layout: SessionLayout) -> Path | None:
