@@ -55,7 +55,8 @@ _EXPORTS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
 
 
 def _lower_priority() -> None:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    with contextlib.suppress(OSError):  # a nicety: verification is correct at any priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 #: Verification of packs handed out to be mapped: at a lower priority, so that the
