@@ -25,9 +25,23 @@ os.environ["JUPYTER_PATH"] = os.pathsep.join(
     [str(ROOT / "share" / "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])])
 
 
+_SHORT_TMPDIRS: list[Path] = []
+
+
 def short_tmpdir(prefix: str) -> Path:
-    """State dirs hold unix sockets (107-byte paths): keep them short, under /tmp."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """State dirs hold unix sockets (107-byte paths): keep them short, under /tmp.
+    Removed when the test run ends (see ``_remove_short_tmpdirs``)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _SHORT_TMPDIRS.append(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_short_tmpdirs() -> Iterator[None]:
+    """Torn down after every other fixture, once their sessions are closed."""
+    yield
+    for path in _SHORT_TMPDIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def bwrap_works() -> bool:
