@@ -122,7 +122,8 @@ class BwrapLauncher(SandboxLauncher):
     prefixes. Never ``/``, the host's home, or the state directory: when the
     host user is root the sandbox's uid maps to root outside, so anything
     bound is readable. The session directory's parts are the only writable
-    places.
+    places; its views directory (store packs shown while a snapshot loads) is
+    bound read-only.
     """
 
     isolation = "bwrap"
