@@ -59,10 +59,10 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
-#: Verification of packs handed out to be mapped: at a lower priority, so that the
-#: sandbox a resume starts meanwhile gets the CPU first.
+#: Verification of packs handed out to be mapped: one thread at a time, at a lower
+#: priority, so that the sandbox a resume starts meanwhile keeps a core to itself.
 _VERIFY_READ = 4 << 20  # bytes read at once while verifying
-_VERIFY = concurrent.futures.ThreadPoolExecutor(max_workers=4, initializer=_lower_priority,
+_VERIFY = concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=_lower_priority,
                                                 thread_name_prefix="sandbox-kernel-verify")
 
 
@@ -304,8 +304,7 @@ class ContentStore:
 
         Read, not mapped: a disk error while reading a mapping would kill this
         process (SIGBUS), where a read raises. Runs of chunks are read into one
-        buffer per thread, by two threads over halves of the chunks (BLAKE3 and
-        reads release the GIL).
+        buffer, on the one verifying thread (see ``_VERIFY``).
         """
         def part(lo: int, hi: int) -> str | None:
             buffer = bytearray(_VERIFY_READ)
@@ -325,10 +324,7 @@ class ContentStore:
                 i = j
             return None
 
-        half = len(chunks) // 2
-        halves = [_VERIFY.submit(part, 0, half), _VERIFY.submit(part, half, len(chunks))]
-        first, second = (h.result() for h in halves)
-        return first or second
+        return _VERIFY.submit(part, 0, len(chunks)).result()
 
     def export(self, digest: str, dest: str | Path,
                on_bytes: Callable[[int], None] | None = None, fsync: bool = True) -> FileRecord:
