@@ -21,6 +21,16 @@ def test_state_persists_between_runs(session):
     assert result.result == "42"
 
 
+def test_the_kernel_does_not_load_a_debugger_but_user_code_may(session):
+    """The sandbox kernel offers no debugger, so its inner kernel skips debugpy (0.1 s of
+    every start); a cell that imports debugpy itself still gets it."""
+    out = session.run("import sys, ipykernel.debugger as d\n"
+                      "print('debugpy' in sys.modules, d._is_debugpy_available)\n"
+                      "import debugpy\nprint(debugpy.__name__)")
+    assert out.ok, out.error
+    assert out.stdout.split() == ["False", "False", "debugpy"]
+
+
 def test_result_fields(session):
     r = session.run("import sys; print('to out'); print('to err', file=sys.stderr); 6 * 7")
     assert r.stdout == "to out\n"
