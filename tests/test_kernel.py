@@ -354,6 +354,21 @@ def test_interrupt_stops_a_busy_cell(kernel):
     assert reply["content"]["ename"] == "KeyboardInterrupt"
 
 
+def test_an_interrupt_while_the_session_starts_stops_the_first_cell(kernel):
+    """The kernel answers at once and starts its session in the background: an interrupt
+    sent while the first cell waits for it must not be lost (it was: the cell then ran)."""
+    km, kc = kernel()
+    msg_id = kc.execute("import time\nfor _ in range(3000):\n    time.sleep(0.01)\n"
+                        "print('ran to the end')")
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=60)
+    while reply["parent_header"].get("msg_type") == "kernel_info_request":
+        reply = kc.get_shell_msg(timeout=60)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error", reply["content"]
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+
 def test_shutdown_leaves_the_session_to_its_lease(kernel_home):
     km = KernelManager(kernel_name="sandbox-python")
     km.start_kernel(env={**os.environ, "JPY_SESSION_NAME": "work/left.ipynb"})

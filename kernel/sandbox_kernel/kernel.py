@@ -87,6 +87,9 @@ class SandboxKernel(Kernel):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: What the first cell should be told about how its session was found.
         self._notice: str | None = None
+        #: Cells waiting for their session to start, and whether an interrupt came meanwhile.
+        self._cells_waiting = 0
+        self._interrupted_waiting = False
 
     # -- start-up: find or create the session, in the background -----------
 
@@ -306,10 +309,19 @@ class SandboxKernel(Kernel):
     ) -> dict[str, Any]:
         parent = self.get_parent("shell")
         ident = self._get_shell_context_var(self._shell_parent_ident)
+        self._cells_waiting += 1
         try:
             sandbox = await self._sandbox()
         except SandboxError as exc:
             return self._error_reply(exc)
+        finally:
+            self._cells_waiting -= 1
+            interrupted = self._interrupted_waiting
+            if not self._cells_waiting:
+                self._interrupted_waiting = False
+        if interrupted:  # before the session was there to receive it: the cell does not run
+            return self._error_reply(KeyboardInterrupt(
+                "interrupted while its session was starting; the cell did not run"))
         notice, self._notice = self._notice, None
         if notice:
             self.send_response(self.iopub_socket, "stream",
@@ -387,6 +399,8 @@ class SandboxKernel(Kernel):
         self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
 
     async def _interrupt_sandbox(self) -> None:
+        if self._cells_waiting:  # the session is still starting: those cells will not run
+            self._interrupted_waiting = True
         if self.sandbox is not None:
             await self.sandbox.interrupt()
 
