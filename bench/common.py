@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_kernel import SessionManager
+from sandbox_kernel.packages import wait_for_compilers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,6 +87,7 @@ def bench_manager(prefix: str, **config: Any) -> Iterator[tuple[SessionManager, 
         yield manager, home
     finally:
         close_all(manager)
+        wait_for_compilers(home / "layers")  # they would write into the removed directory
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from sandbox_kernel import SessionManager
 from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.packages import wait_for_compilers
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests use the kernelspec shipped in this tree, whatever is installed elsewhere.
@@ -72,6 +73,7 @@ def make_manager(home: Path, **config) -> Iterator[SessionManager]:
             with contextlib.suppress(SandboxError):
                 manager.close(row["id"])
         manager.registry.close()
+        wait_for_compilers(Path(home) / "layers")  # they would write into a removed home
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.errors import InvalidArgument
-from sandbox_kernel.packages import InstallFailed, parse_requirements
+from sandbox_kernel.packages import InstallFailed, parse_requirements, wait_for_compilers
 
 from .conftest import make_manager
 
@@ -136,6 +137,13 @@ def test_gc_removes_only_unused_layers(pkg_manager):
     kept_layer, dropped_layer = keep.last_install.layers[0], drop.last_install.layers[0]
     assert pkg_manager.gc() == []
     pkg_manager.close("drop")
+    # A layer whose bytecode is being compiled stays (the compiler would write into it).
+    layers = Path(pkg_manager.installer.layers_dir)
+    wait_for_compilers(layers)
+    with open(layers / dropped_layer / ".compiling", "w") as compiler:
+        fcntl.flock(compiler, fcntl.LOCK_EX)
+        assert pkg_manager.gc() == []
+        assert (layers / dropped_layer / ".complete").exists()
     assert pkg_manager.gc() == [dropped_layer]
     assert not Path(pkg_manager.installer.layers_dir, dropped_layer).exists()
     assert Path(pkg_manager.installer.layers_dir, kept_layer).exists()

@@ -51,16 +51,44 @@ import fcntl, os, sys
 if os.fork() == 0:
     os.setsid()
     os.nice(10)
-    layer = sys.argv[1]
+    layer, done = sys.argv[1], sys.argv[2]
     lock = os.open(os.path.join(layer, ".compiling"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os._exit(0)
-    import compileall
-    compileall.compile_dir(os.path.join(layer, "site-packages"), quiet=2, workers=1)
-    open(os.path.join(layer, sys.argv[2]), "w").close()
+    import importlib.util, py_compile
+    for root, dirs, files in os.walk(os.path.join(layer, "site-packages")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            if not os.path.exists(os.path.join(layer, ".complete")):
+                os._exit(0)  # the layer is being removed: create nothing in it
+            source = os.path.join(root, name)
+            cached = importlib.util.cache_from_source(source)
+            if os.path.exists(cached):
+                continue  # compiled by an earlier run that was cut short
+            try:
+                os.mkdir(os.path.dirname(cached))  # not makedirs: never recreate a removed dir
+            except FileExistsError:
+                pass
+            except OSError:
+                continue
+            try:
+                py_compile.compile(source, cfile=cached, doraise=True)
+            except Exception:
+                pass  # not Python 3, or gone meanwhile: imports compile it, or fail, as ever
+    if os.path.exists(os.path.join(layer, ".complete")):
+        open(os.path.join(layer, done), "w").close()
 """
+
+
+def wait_for_compilers(layers_dir: Path, timeout: float = 120.0) -> None:
+    """Wait until no layer under ``layers_dir`` is being compiled (before removing it all)."""
+    deadline = time.monotonic() + timeout
+    while any(_compiling(layer) for layer in layers_dir.glob("*")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _compiling(layer: Path) -> bool:
@@ -368,8 +396,8 @@ class PackageInstaller(LoggingConfigurable):
                     if held is not None:  # no builder has it: a leftover of a killed one
                         shutil.rmtree(entry, ignore_errors=True)
                 continue
-            if not entry.is_dir() or entry.name in keep:
-                continue
+            if not entry.is_dir() or entry.name in keep or _compiling(entry):
+                continue  # (one being compiled was just built: it goes next time if unused)
             with self._lock(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
             self.registry.forget_layer(entry.name)
