@@ -284,10 +284,15 @@ def test_reopening_a_notebook_whose_sandbox_died_brings_back_its_checkpoint(kern
     execute(kc, "kept = {'a': 1}")
     assert execute(kc, "%session checkpoint --name before")[0]["status"] == "ok"
     execute(kc, "kept['b'] = 2")
-    kc.stop_channels()
-    km.shutdown_kernel(now=True)  # the notebook is closed; its session lives on
     m = SessionManager(home=os.environ["SANDBOX_KERNEL_HOME"])  # (make_manager closes all)
     s = m.get("reboot-" + _digest("notebook:work/reboot.ipynb"))
+    # The kernel records a cell just after replying to it; the kill below must come after.
+    deadline = time.monotonic() + 10
+    while "kept['b'] = 2" not in [h["code"] for h in s.history()] and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)  # the notebook is closed; its session lives on
     os.kill(s.info()["pid"], 9)  # the supervisor: its sandbox dies with it
     assert _wait_dead(m, s.name)
     km, kc = kernel("work/reboot.ipynb")  # reopened after, say, a reboot
