@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -64,6 +65,11 @@ def _lower_priority() -> None:
 _VERIFY_READ = 4 << 20  # bytes read at once while verifying
 _VERIFY = concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=_lower_priority,
                                                 thread_name_prefix="sandbox-kernel-verify")
+
+
+def _offsets(chunks: list[tuple[str, int]]) -> list[int]:
+    """Where each chunk starts in its file."""
+    return list(itertools.accumulate((size for _, size in chunks), initial=0))[:-1]
 
 
 class CorruptChunk(SandboxError):
@@ -278,12 +284,10 @@ class ContentStore:
         packs = {w[0] for w in where.values()}
         if len(packs) != 1 or len(where) != len(record.chunks):
             return None
-        offsets, pos = [], 0
-        for h, size in record.chunks:
-            if where[h][1:] != (pos, size, RAW):
-                return None
-            offsets.append(pos)
-            pos += size
+        offsets = _offsets(record.chunks)
+        if any(where[h][1:] != (at, size, RAW)
+               for (h, size), at in zip(record.chunks, offsets, strict=True)):
+            return None
         pack = packs.pop()
         path = self.packs / pack
         try:
@@ -306,12 +310,11 @@ class ContentStore:
         process (SIGBUS), where a read raises. Runs of chunks are read into one
         buffer, on the one verifying thread (see ``_VERIFY``).
         """
-        def part(lo: int, hi: int) -> str | None:
-            buffer = bytearray(_VERIFY_READ)
-            i = lo
-            while i < hi:  # chunks i..j-1: a run that fits the buffer (at least one chunk)
+        def verify() -> str | None:
+            buffer, i, n = bytearray(_VERIFY_READ), 0, len(chunks)
+            while i < n:  # chunks i..j-1: a run that fits the buffer (at least one chunk)
                 j = i + 1
-                while j < hi and offsets[j] + chunks[j][1] - offsets[i] <= _VERIFY_READ:
+                while j < n and offsets[j] + chunks[j][1] - offsets[i] <= _VERIFY_READ:
                     j += 1
                 size = offsets[j - 1] + chunks[j - 1][1] - offsets[i]
                 run = memoryview(buffer if size <= len(buffer) else bytearray(size))[:size]
@@ -324,7 +327,7 @@ class ContentStore:
                 i = j
             return None
 
-        return _VERIFY.submit(part, 0, len(chunks)).result()
+        return _VERIFY.submit(verify).result()
 
     def export(self, digest: str, dest: str | Path,
                on_bytes: Callable[[int], None] | None = None, fsync: bool = True) -> FileRecord:
@@ -343,10 +346,7 @@ class ContentStore:
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.sk-{uuid.uuid4().hex[:8]}")
         where = self._locate([h for h, _ in record.chunks])
-        offsets, pos = [], 0
-        for _, size in record.chunks:
-            offsets.append(pos)
-            pos += size
+        offsets = _offsets(record.chunks)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
