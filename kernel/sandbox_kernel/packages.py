@@ -45,14 +45,15 @@ from .registry import Registry
 
 _COMPLETE = ".complete"  # written last: a layer without it is half-built and never used
 _COMPILED = ".compiled"  # written when the layer's bytecode has been compiled
+_COMPILING = ".compiling"  # locked by the layer's compiler while it runs
 #: Run detached (a double fork), at a low priority, by one process per layer at a time.
 _COMPILE_BOOT = """
 import fcntl, os, sys
 if os.fork() == 0:
     os.setsid()
     os.nice(10)
-    layer, done = sys.argv[1], sys.argv[2]
-    lock = os.open(os.path.join(layer, ".compiling"), os.O_RDWR | os.O_CREAT, 0o600)
+    layer, complete, compiling, compiled = sys.argv[1:5]
+    lock = os.open(os.path.join(layer, compiling), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -62,7 +63,7 @@ if os.fork() == 0:
         for name in files:
             if not name.endswith(".py"):
                 continue
-            if not os.path.exists(os.path.join(layer, ".complete")):
+            if not os.path.exists(os.path.join(layer, complete)):
                 os._exit(0)  # the layer is being removed: create nothing in it
             source = os.path.join(root, name)
             cached = importlib.util.cache_from_source(source)
@@ -78,8 +79,8 @@ if os.fork() == 0:
                 py_compile.compile(source, cfile=cached, doraise=True)
             except Exception:
                 pass  # not Python 3, or gone meanwhile: imports compile it, or fail, as ever
-    if os.path.exists(os.path.join(layer, ".complete")):
-        open(os.path.join(layer, done), "w").close()
+    if os.path.exists(os.path.join(layer, complete)):
+        open(os.path.join(layer, compiled), "w").close()
 """
 
 
@@ -94,7 +95,7 @@ def wait_for_compilers(layers_dir: Path, timeout: float = 120.0) -> None:
 def _compiling(layer: Path) -> bool:
     """Whether a compiler holds the layer's lock (checked here: starting one costs 30 ms)."""
     try:
-        fd = os.open(layer / ".compiling", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(layer / _COMPILING, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -118,7 +119,8 @@ def _compile_bytecode(layer: Path, python: str) -> None:
     if (layer / _COMPILED).exists() or _compiling(layer):
         return
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run([python, "-I", "-S", "-c", _COMPILE_BOOT, str(layer), _COMPILED],
+        subprocess.run([python, "-I", "-S", "-c", _COMPILE_BOOT, str(layer), _COMPLETE,
+                        _COMPILING, _COMPILED],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=30, check=False)
 
