@@ -250,6 +250,15 @@ def test_two_clients_pausing_and_resuming_at_once(home):
         assert clients[0].run("print(total)").stdout.strip() == "4950"
 
 
+def refused_then_resumed_from(s, good):
+    """A damaged pause: resume refuses, names the earlier checkpoint and leaves the session
+    paused; resuming from that checkpoint then works. Its report."""
+    with pytest.raises(SnapshotDamaged, match=f"resume\\(checkpoint={good.id}\\)"):
+        s.resume()
+    assert s.info()["status"] == "paused"
+    return s.resume(checkpoint=good.id)
+
+
 def test_damaged_snapshot_keeps_the_session_paused_and_offers_the_previous(manager):
     s = manager.create(name="dmg")
     s.run("import numpy as np\nx = np.ones(500_000)\ny = 1")
@@ -268,10 +277,7 @@ def test_damaged_snapshot_keeps_the_session_paused_and_offers_the_previous(manag
         byte = f.read(1)
         f.seek(offset + 2)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(SnapshotDamaged, match=f"resume\\(checkpoint={good.id}\\)"):
-        s.resume()
-    assert s.info()["status"] == "paused"
-    report = s.resume(checkpoint=good.id)
+    report = refused_then_resumed_from(s, good)
     assert "x" in report.restored
     assert s.run("print(y, x.sum())").stdout.split() == ["1", "500000.0"]
 
@@ -317,10 +323,7 @@ def test_a_corrupt_pack_is_caught_before_the_kernel_maps_it(manager):
     with open(pack, "r+b") as f:
         f.seek(1000)
         f.write(b"\xff\xfe")
-    with pytest.raises(SnapshotDamaged, match=f"resume\\(checkpoint={good.id}\\)"):
-        s.resume()
-    assert s.info()["status"] == "paused"
-    report = s.resume(checkpoint=good.id)
+    report = refused_then_resumed_from(s, good)
     assert "big" in report.restored
     assert s.run("print(float(big.sum()) > 0.75 * 2**20, y)").stdout.split() == ["True", "1"]
 
