@@ -779,6 +779,8 @@ class LifecycleMixin:
             loaded = self._read_report(snap)
         finally:
             await asyncio.wait([exporting])
+            if not exporting.cancelled():
+                exporting.exception()  # seen: a failed early batch fails this task too
         shown.update(exporting.result())
         if late:
             await self._run_internal(request_code({
