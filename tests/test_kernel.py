@@ -365,6 +365,12 @@ def test_an_interrupt_while_the_session_starts_stops_the_first_cell(kernel):
     km, kc = kernel()
     msg_id = kc.execute("import time\nfor _ in range(3000):\n    time.sleep(0.01)\n"
                         "print('ran to the end')")
+    # As a frontend does: interrupt a cell shown as running (an interrupt that overtakes
+    # the request, on its own channel, is ignored by any kernel).
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["msg_type"] == "execute_input" and msg["parent_header"].get("msg_id") == msg_id:
+            break
     km.interrupt_kernel()
     reply = kc.get_shell_msg(timeout=60)
     while reply["parent_header"].get("msg_type") == "kernel_info_request":
