@@ -13,6 +13,10 @@ session's existing layers, so the kernel's own packages keep their versions.
 Resolutions are cached (``resolution_ttl``) so that a repeated request runs
 no uv at all. The sandbox never needs the network: the layers directory is
 bound into it read-only.
+
+Only wheels are installed (``--no-build`` for resolution and install): a
+source distribution's build backend is arbitrary code, and uv would run it
+here, on the host, as the manager's user, outside the sandbox.
 """
 
 from __future__ import annotations
@@ -129,6 +133,10 @@ class InstallFailed(SandboxError):
     """uv could not resolve or install the requested packages; nothing was changed."""
 
 
+class SourceBuildRefused(InstallFailed):
+    """A package would have to be built from source, which runs its code on the host."""
+
+
 @dataclass
 class InstallResult:
     """What an install did, and what it cost."""
@@ -222,7 +230,15 @@ class PackageInstaller(LoggingConfigurable):
     offline = Bool(help="Never touch the network; use what uv has cached "
                    "($SANDBOX_KERNEL_OFFLINE=1).").tag(config=True)
     allow_direct_references = Bool(
-        False, help="Accept URLs and local paths as requirements."
+        False, help="Accept URLs and local paths as requirements (a local source tree "
+        "still needs allow_source_builds)."
+    ).tag(config=True)
+    allow_source_builds = Bool(
+        False, help="Build packages that publish no wheel for this Python and platform from "
+        "their source distribution. A build runs the package's own code (its build backend) "
+        "with the builder's rights, so it has to run in a sandbox with no network; that is "
+        "not available yet, and while it is not, turning this on makes installs fail rather "
+        "than build on the host. Off: wheels only (uv --no-build)."
     ).tag(config=True)
     cache_dir = Unicode(None, allow_none=True,
                         help="uv's cache, shared by every layer ($SANDBOX_KERNEL_UV_CACHE_DIR; "
@@ -277,6 +293,7 @@ class PackageInstaller(LoggingConfigurable):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         reqs = parse_requirements(requested, self.allow_direct_references)
+        self._build_args()  # raises now if builds are asked for, before any uv runs
         all_specs = merge_specs([*have, *(str(r) for r in reqs)])
         existing = self.layer_pins(layers)
         # What the session has stays as it is, except what this request names again.
@@ -320,7 +337,8 @@ class PackageInstaller(LoggingConfigurable):
             con_file.write_text("\n".join(constraints) + "\n")
             out = self._uv("pip", "compile", str(req_file), "-c", str(con_file),
                            "--python", python, "--no-header", "--no-annotate", "--quiet",
-                           *self._index_args(), action="resolve " + " ".join(specs))
+                           *self._build_args(), *self._index_args(),
+                           action="resolve " + " ".join(specs))
         pins = {}
         for line in out.splitlines():
             line = line.split("#", 1)[0].strip()
@@ -372,7 +390,8 @@ class PackageInstaller(LoggingConfigurable):
             tmp = Path(tempfile.mkdtemp(prefix=f".build-{layer_id}-", dir=self.layers_dir))
             try:
                 self._uv("pip", "install", "--no-deps", "--target", str(tmp / "site-packages"),
-                         "--python", python, "--quiet", *self._index_args(),
+                         "--python", python, "--quiet", *self._build_args(),
+                         *self._index_args(),
                          *(f"{n}=={v}" for n, v in sorted(pins.items())),
                          action="install " + ", ".join(f"{n}=={v}" for n, v in pins.items()),
                          hold=(lock_fd,))
@@ -441,9 +460,26 @@ class PackageInstaller(LoggingConfigurable):
             args.append("--offline")
         return args
 
+    def _build_args(self) -> list[str]:
+        """uv's arguments that keep every build backend from running here: wheels only.
+
+        Raises while ``allow_source_builds`` is on: a build is to run in a sandbox
+        with no network, which does not exist yet; on the host it never runs.
+        """
+        if self.allow_source_builds:
+            raise SourceBuildRefused(
+                "PackageInstaller.allow_source_builds is on, but building source "
+                "distributions in a sandbox is not available yet, and they are never built "
+                "on the host (a build runs the package's own code there); turn the option "
+                "off and install wheels: a version of the package that publishes a wheel "
+                "for this Python and platform, or a wheel you built elsewhere, served with "
+                "PackageInstaller.find_links")
+        return ["--no-build"]
+
     def _index_config(self) -> dict[str, Any]:
         return {"index": self.index_url, "extra": list(self.extra_index_urls),
-                "links": list(self.find_links), "no_index": self.no_index}
+                "links": list(self.find_links), "no_index": self.no_index,
+                "wheels_only": not self.allow_source_builds}
 
     def _uv(self, *args: str, action: str, hold: tuple[int, ...] = ()) -> str:
         """Run uv; ``hold``: lock descriptors it inherits, so that a uv orphaned by a
@@ -462,8 +498,27 @@ class PackageInstaller(LoggingConfigurable):
             raise InstallFailed(f"could not {action}: uv took longer than {self.timeout:g} s"
                                 ) from None
         if proc.returncode != 0:
-            raise InstallFailed(f"could not {action}: {_uv_message(proc.stderr)}")
+            message = _uv_message(proc.stderr)
+            no_wheel = _no_wheel_package(message)
+            if no_wheel is not None:
+                raise SourceBuildRefused(
+                    f"could not {action}: {no_wheel} has no wheel for this Python and "
+                    "platform, and source distributions are refused for safety (building "
+                    "one runs the package's own code on the host). Pick a version of "
+                    f"{no_wheel} that publishes a wheel, or build its wheel elsewhere and "
+                    f"serve it with PackageInstaller.find_links (uv: {message})")
+            raise InstallFailed(f"could not {action}: {message}")
         return proc.stdout
+
+
+def _no_wheel_package(message: str) -> str | None:
+    """The package uv could not use because ``--no-build`` leaves it no wheel (uv 0.9+'s words)."""
+    for pattern in (r"Wheels are required for `([^`]+)` because building from source is disabled",
+                    r"\b([A-Za-z0-9][A-Za-z0-9._-]*)(?:==\S+)? has no usable wheels"):
+        found = re.search(pattern, message)
+        if found:
+            return found.group(1)
+    return None
 
 
 def _uv_message(stderr: str) -> str:
