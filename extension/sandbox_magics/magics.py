@@ -5,6 +5,11 @@ kernel runs the same ones); this module supplies their context (the current
 session, a manager configured from IPython's config) and shows what they
 return: as ipywidgets where a widget frontend is present, else as text.
 Errors print as one line; tracebacks come only from code run in the sandbox.
+What a command says is escaped (``sandbox_kernel.shown``): the commands escape
+each name and reason from a sandbox, and everything printed here is escaped
+once more, newlines kept, so no control character reaches the screen even from
+a message that forgot. A ``%%session`` cell's own output is relayed as it is,
+as any cell's is.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from sandbox_kernel.commands import (
     CommandOutput,
     _with_usage,
     parse_args,
+    report_text,
     run_command,
 )
 from sandbox_kernel.errors import SandboxError
 from sandbox_kernel.manager import SessionManager
 from sandbox_kernel.session import AsyncSession
+from sandbox_kernel.shown import shown
 
 
 @magic_arguments("%session")
@@ -136,7 +143,8 @@ class SessionMagics(Magics):
             else:
                 self._run_cell(line, cell)
         except (SandboxError, UsageError) as exc:
-            print(f"%session: {exc}" if not str(exc).startswith("%session") else str(exc),
+            message = shown(exc)  # one line, whatever sandbox text the error quotes
+            print(message if message.startswith("%session") else f"%session: {message}",
                   file=sys.stderr)
 
     def _show(self, out: CommandOutput) -> None:
@@ -147,12 +155,13 @@ class SessionMagics(Magics):
                 self.last_view = widget
                 display(widget)
                 return
+        text = shown(out.text, lines=True)
         if view == "transfer":
-            print(out.text)  # the progress bar was drawn as it went
+            print(text)  # the progress bar was drawn as it went
         elif out.html and self._rich():
-            publish_display_data({"text/plain": out.text, "text/html": out.html})
+            publish_display_data({"text/plain": text, "text/html": out.html})
         else:
-            print(out.text)
+            print(text)
 
     def _widget(self, view: str, out: CommandOutput) -> Any:
         from . import widgets
@@ -174,21 +183,23 @@ class SessionMagics(Magics):
         return [_with_usage(s) for s in sessions]
 
     def _dashboard_act(self, action: str, session_id: str) -> str:
+        """Carry out a dashboard button; what to say, escaped (a resume names variables)."""
         session = portal.call(self.manager._async_get(session_id))
+        name = shown(session.name)
         if action == "pause":
             out = portal.call(session.pause())
-            return f"{session.name}: {out['status']}"
+            return f"{name}: {out['status']}"
         if action == "resume":
-            return f"{session.name}: {portal.call(session.resume())}"
+            return f"{name}: {report_text(portal.call(session.resume()))}"
         if action == "renew":
             info = session.set_timeout(session.info()["timeout"])
-            return f"{session.name}: lease renewed, {info['timeout']:g} s from now"
+            return f"{name}: lease renewed, {info['timeout']:g} s from now"
         if action == "close":
             portal.call(self.manager._async_close(session_id))
             if self._current is not None and self._current.id == session_id:
                 self._current = None
-            return f"{session.name}: closed"
-        raise CommandError(f"unknown action {action!r}")
+            return f"{name}: closed"
+        raise CommandError(f"unknown action {shown(action)!r}")
 
     def _rich(self) -> bool:
         return getattr(self.shell, "kernel", None) is not None
@@ -203,7 +214,7 @@ class SessionMagics(Magics):
             session = self._current
         else:
             session = portal.call(self.manager._async_create(wait=False))
-            print(f"%%session: no current session, so a new one was created: {session.name} "
+            print(f"%%session: no current session, so a new one was created: {shown(session.name)} "
                   "(`%session use NAME` picks another)", file=sys.stderr)
         portal.call(self.use(session))
         result = self._relay(session, cell)

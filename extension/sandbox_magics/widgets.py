@@ -4,7 +4,9 @@ Every view carries the text and HTML that the command printed, and puts them
 beside the widget in its display bundle, so a frontend without widgets
 (nbconvert, a notebook viewer) still shows the same figures. Views are fed
 plain dicts (progress snapshots, timing, session infos), so tests can check
-their models' state without a browser.
+their models' state without a browser. Text that can come from a sandbox (file
+names, insights, messages) is escaped with ``sandbox_kernel.shown`` and then,
+in HTML, with ``html.escape``: a browser honours bidi overrides too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sandbox_kernel.commands import (
     stage_color,
 )
 from sandbox_kernel.limits import format_size
+from sandbox_kernel.shown import shown
 
 
 class _WithFallback:
@@ -62,7 +65,7 @@ class TransferProgress(_WithFallback, w.VBox):
         for item in progress["files"]:
             row = self.rows.get(item["name"])
             if row is None:
-                bar = w.FloatProgress(min=0.0, max=1.0, description=_short(item["name"]),
+                bar = w.FloatProgress(min=0.0, max=1.0, description=_short(shown(item["name"])),
                                       layout=w.Layout(width="60%"))
                 label = w.HTML("")
                 row = self.rows[item["name"]] = (bar, label)
@@ -71,7 +74,7 @@ class TransferProgress(_WithFallback, w.VBox):
             bar.value = _fraction(item["bytes_completed"], item["bytes_total"], item["status"])
             bar.bar_style = {"done": "success", "skipped": "success",
                              "failed": "danger"}.get(item["status"], "")
-            label.value = (f"{html.escape(item['status'])} · "
+            label.value = (f"{html.escape(shown(item['status']))} · "
                            f"{format_size(item['bytes_completed'])} / "
                            f"{format_size(item['bytes_total'])}")
         done, total = progress["bytes_completed"], progress["bytes_total"]
@@ -146,7 +149,7 @@ class InsightsView(_WithFallback, w.VBox):
     def __init__(self, insights: list[str]) -> None:
         self.fallback = render_insights(insights)
         self.insights = list(insights)
-        body = ("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in insights) + "</ul>"
+        body = ("<ul>" + "".join(f"<li>{html.escape(shown(i))}</li>" for i in insights) + "</ul>"
                 if insights else "<i>no insights: no stage dominated the last run</i>")
         super().__init__([w.HTML(f"<b>insights</b>{body}")])
 
@@ -220,9 +223,9 @@ class Dashboard(_WithFallback, w.VBox):
 
     def _click(self, action: str, session_id: str) -> None:
         try:
-            self.message.value = html.escape(self._act(action, session_id))
+            self.message.value = html.escape(shown(self._act(action, session_id), lines=True))
         except Exception as exc:  # noqa: BLE001 - shown in the dashboard, one line
-            self.message.value = f"<span style='color:#c00'>{html.escape(str(exc))}</span>"
+            self.message.value = f"<span style='color:#c00'>{html.escape(shown(exc))}</span>"
         self.refresh()
 
     def _loop(self, every: float) -> None:
@@ -230,7 +233,7 @@ class Dashboard(_WithFallback, w.VBox):
             try:
                 self.refresh()
             except Exception as exc:  # noqa: BLE001 - keep refreshing; say why it failed
-                self.message.value = html.escape(f"refresh failed: {exc}")
+                self.message.value = html.escape(f"refresh failed: {shown(exc)}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -3,7 +3,10 @@
 Built as Jupyter applications with subcommands, like ``jupyter kernelspec``,
 so the same configuration (``jupyter_sandbox_config.py``, ``--SessionManager.*``
 flags) reaches the manager from the command line. Errors print as one line
-and exit with status 1.
+and exit with status 1. Text that can come from a sandbox (file names, MIME
+types, labels, variable names, reasons, errors quoting them) is printed
+through :func:`~sandbox_kernel.shown.shown`, escaped; only ``run`` relays a
+cell's own output as it is, like a terminal running the code would.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Any
 from jupyter_core.application import JupyterApp
 from traitlets import Bool, Float, Int, List, Unicode
 
-from .commands import ago
+from .commands import ago, report_text
 from .errors import SandboxError
 from .manager import SessionManager
 from .packages import PackageInstaller
 from .sandbox.launcher import BwrapLauncher
+from .shown import shown
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -50,7 +54,7 @@ class _Command(JupyterApp):
         return list(self.extra_args)
 
     def fail(self, message: str) -> None:
-        print(f"sandbox-kernel: error: {message}", file=sys.stderr)
+        print(f"sandbox-kernel: error: {shown(message)}", file=sys.stderr)
         self.exit(1)
 
     def start(self) -> None:
@@ -88,9 +92,9 @@ class ListCommand(_Command):
         for i in infos:
             lease = (ago(i["expires_at"] - now) if i["status"] in ("running", "frozen",
                                                                      "starting") else "-")
-            rows.append((i["name"], i["id"], i["status"], i["language"], i["isolation"],
-                         ago(now - i["created"]), ago(now - i["last_activity"]), lease,
-                         str(i["execution_count"])))
+            rows.append((shown(i["name"]), i["id"], shown(i["status"]), shown(i["language"]),
+                         shown(i["isolation"]), ago(now - i["created"]),
+                         ago(now - i["last_activity"]), lease, str(i["execution_count"])))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
@@ -115,7 +119,7 @@ class InfoCommand(_Command):
                 v = ", ".join(map(str, v)) or "-"
             elif k in ("created", "last_activity", "expires_at") and v:
                 v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
-            print(f"{k + ':':16}{v}")
+            print(f"{k + ':':16}{shown(v)}")  # the reason quotes a dead kernel's log
 
 
 class CreateCommand(_Command):
@@ -143,7 +147,7 @@ class CreateCommand(_Command):
                                         timeout=self.timeout, on_timeout=self.on_timeout)
         info = session.info()
         print(json.dumps(info, indent=2) if self.json else
-              f"created {info['name']} ({info['id']}, isolation: {info['isolation']})")
+              f"created {shown(info['name'])} ({info['id']}, isolation: {info['isolation']})")
 
 
 class RunCommand(_Command):
@@ -191,7 +195,7 @@ class CloseCommand(_Command):
     def run(self) -> None:
         (key,) = self.positional(1, "NAME")
         self.manager().close(key)
-        print(f"closed {key}")
+        print(f"closed {shown(key)}")
 
 
 class PauseCommand(_Command):
@@ -209,14 +213,15 @@ class PauseCommand(_Command):
             print(json.dumps(out, indent=1))
             return
         if out.get("already"):
-            print(f"{key} is already {out['status']}")
+            print(f"{shown(key)} is already {out['status']}")
             return
-        line = f"{out['status']} {key} in {out['timing']['total']:.2f} s"
+        line = f"{out['status']} {shown(key)} in {out['timing']['total']:.2f} s"
         if out["status"] == "paused":
             line += f" (checkpoint {out['checkpoint']}, {out['size']} bytes of variables)"
         print(line)
         for name, why in out.get("skipped", {}).items():
-            print(f"not saved: {name}: {why} (a resume replays the cells that made it)")
+            print(f"not saved: {shown(name)}: {shown(why)} "
+                  "(a resume replays the cells that made it)")
 
 
 class ResumeCommand(_Command):
@@ -232,7 +237,7 @@ class ResumeCommand(_Command):
         if self.json:
             print(json.dumps(report.__dict__, indent=1))
             return
-        print(report)
+        print(report_text(report))
 
 
 class CheckpointCommand(_Command):
@@ -255,7 +260,7 @@ class CheckpointCommand(_Command):
             return
         for c in checkpoints:
             when = time.strftime("%H:%M:%S", time.localtime(c.created))
-            print(f"{c.id:5}  {c.kind:10}  {c.name or '-':16}  {when}  "
+            print(f"{c.id:5}  {c.kind:10}  {shown(c.name or '-'):16}  {when}  "
                   f"{len(c.variables)} names, {c.size} bytes, "
                   f"{'-' if c.files is None else c.files} files, "
                   f"{c.stats.get('chunks_new', 0)} new chunks")
@@ -267,8 +272,8 @@ class RestoreCommand(_Command):
 
     def run(self) -> None:
         key, checkpoint = self.positional(2, "NAME CHECKPOINT")
-        print(self.manager().get(key).restore(int(checkpoint) if checkpoint.isdigit()
-                                              else checkpoint))
+        print(report_text(self.manager().get(key).restore(
+            int(checkpoint) if checkpoint.isdigit() else checkpoint)))
 
 
 class ForkCommand(_Command):
@@ -287,7 +292,7 @@ class ForkCommand(_Command):
         if isinstance(cp, str) and cp.isdigit():
             cp = int(cp)
         child = self.manager().get(key).fork(cp, new)
-        print(f"forked {key} into {child.name} ({child.id})")
+        print(f"forked {shown(key)} into {shown(child.name)} ({child.id})")
 
 
 class HistoryCommand(_Command):
@@ -303,7 +308,7 @@ class HistoryCommand(_Command):
         for h in history:
             first = h["code"].strip().splitlines()[0] if h["code"].strip() else ""
             print(f"[{h['execution_count'] or ' '}] {h['status']:7} "
-                  f"{h['timing'].get('total', 0) * 1000:8.1f} ms  {first[:70]}")
+                  f"{h['timing'].get('total', 0) * 1000:8.1f} ms  {shown(first[:70])}")
 
 
 class ReplayCommand(_Command):
@@ -318,7 +323,7 @@ class ReplayCommand(_Command):
     def run(self) -> None:
         (key,) = self.positional(1, "NAME [--until N] [--into OTHER]")
         target = self.manager().get(key).replay(self.into, self.until)
-        print(f"replayed {key} into {target.name} ({target.id})")
+        print(f"replayed {shown(key)} into {shown(target.name)} ({target.id})")
 
 
 class TimeoutCommand(_Command):
@@ -336,7 +341,7 @@ class TimeoutCommand(_Command):
         except ValueError:
             self.fail(f"SECONDS must be a number, got {seconds!r}")
         info = self.manager().get(key).set_timeout(value, self.on_timeout)
-        print(f"{key}: lease {info['timeout']:g} s, expires "
+        print(f"{shown(key)}: lease {info['timeout']:g} s, expires "
               f"{time.strftime('%H:%M:%S', time.localtime(info['expires_at']))}, "
               f"then {info['on_timeout']}")
 
@@ -370,9 +375,9 @@ class InstallCommand(_Command):
         if self.json:
             print(json.dumps(result.__dict__, indent=2, default=str))
             return
-        print(result.summary())
+        print(shown(result.summary()))
         for insight in result.insights:
-            print(f"insight: {insight}")
+            print(f"insight: {shown(insight)}")
 
     def install_kernelspec(self) -> None:
         from .kernelspec import install
@@ -441,8 +446,8 @@ class DownloadCommand(_Command):
             print(json.dumps(results, indent=1))
             return
         for r in results:
-            print(f"{r['source']} -> {r['dest']} ({r['size']} bytes, blake3 {r['hash'][:16]}…, "
-                  "verified)")
+            print(f"{shown(r['source'])} -> {shown(r['dest'])} ({r['size']} bytes, "
+                  f"blake3 {r['hash'][:16]}…, verified)")
 
 
 class ArtifactsCommand(_Command):
@@ -462,7 +467,7 @@ class ArtifactsCommand(_Command):
             chosen = [a for a in artifacts if a.id == self.save]
             if not chosen:
                 self.fail(f"session {key!r} has no artifact {self.save}")
-            print(f"saved {chosen[0].save(self.to)}")
+            print(f"saved {shown(chosen[0].save(self.to))}")  # named after the sandbox's file
             return
         if self.json:
             print(json.dumps([{k: v for k, v in a.__dict__.items() if not k.startswith("_")}
@@ -471,8 +476,8 @@ class ArtifactsCommand(_Command):
         if not artifacts:
             print("no artifacts yet")
         for a in artifacts:
-            print(f"{a.id:5}  {a.kind:6}  {a.mime:24}  {a.size:10}  {a.path or '-':30}  "
-                  f"{','.join(a.tags) or '-'}")
+            print(f"{a.id:5}  {shown(a.kind):6}  {shown(a.mime):24}  {a.size:10}  "
+                  f"{shown(a.path or '-'):30}  {shown(','.join(a.tags) or '-')}")
 
 
 class GcCommand(_Command):
@@ -485,7 +490,7 @@ class GcCommand(_Command):
         removed = self.manager().gc()
         print(f"removed {len(removed)} layer{'s' if len(removed) != 1 else ''} and "
               "session director" + ("y" if len(removed) == 1 else "ies")
-              + (": " + ", ".join(removed) if removed else ""))
+              + (": " + ", ".join(map(shown, removed)) if removed else ""))
 
 
 class SandboxKernelApp(_Command):

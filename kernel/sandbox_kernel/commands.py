@@ -7,11 +7,15 @@ with a ``view`` name, so that each surface shows it its own way (the
 extension as an ipywidget, the kernel and terminals as HTML or text).
 Arguments are parsed with IPython's ``magic_arguments``, so ``%session?`` and
 ``%session help COMMAND`` print the same usage the parser enforces. Misuse
-raises :class:`CommandError`, shown as one line.
+raises :class:`CommandError`, shown as one line. Every string that can come
+from a sandbox (file names, MIME types, variable names, reasons, a dead
+kernel's log) goes through :func:`~sandbox_kernel.shown.shown` here, so the
+text and HTML of every surface show it escaped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import shlex
 import time
@@ -25,9 +29,11 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .errors import SandboxError
 from .limits import format_size
+from .shown import shown
 from .timing import run_insights, transfer_insights
 
 if TYPE_CHECKING:
+    from .lifecycle import ResumeReport
     from .manager import SessionManager
     from .session import AsyncSession
 
@@ -169,7 +175,7 @@ async def new(ctx: CommandContext, args: Any) -> CommandOutput:
         timeout=args.timeout, packages=args.packages, wait=False)
     await ctx.use(session)
     info = session.info()
-    return CommandOutput(f"new session {info['name']} ({info['id']}) is starting and is now "
+    return CommandOutput(f"new session {shown(info['name'])} ({info['id']}) is starting and is now "
                          "current; variables of the previous session are not carried over",
                          data=info)
 
@@ -181,7 +187,7 @@ async def use(ctx: CommandContext, args: Any) -> CommandOutput:
     """Make an existing session the current one."""
     session = await ctx.manager._async_get(args.name)
     await ctx.use(session)
-    return CommandOutput(f"using session {session.name} ({session.id}, {session.status})",
+    return CommandOutput(f"using session {shown(session.name)} ({session.id}, {session.status})",
                          data=session.info())
 
 
@@ -212,7 +218,7 @@ async def close(ctx: CommandContext, args: Any) -> CommandOutput:
     """Close a session: stop its sandbox and delete its files."""
     session = await _target(ctx, args.name)
     await ctx.manager._async_close(session.id)
-    return CommandOutput(f"closed {session.name}")
+    return CommandOutput(f"closed {shown(session.name)}")
 
 
 @command
@@ -223,10 +229,11 @@ async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
     """Pause a session: variables to the store and the sandbox exits (--freeze: SIGSTOP)."""
     session = await _target(ctx, args.name)
     out = await session.pause("freeze" if args.freeze else "snapshot")
+    name = shown(session.name)
     if out.get("already"):
-        return CommandOutput(f"{session.name} is already {out['status']}", data=out)
-    lines = [f"{out['status']} {session.name} in {out['timing']['total']:.2f} s"]
-    lines += [f"not saved: {n}: {why} (resume replays the cells that made it)"
+        return CommandOutput(f"{name} is already {out['status']}", data=out)
+    lines = [f"{out['status']} {name} in {out['timing']['total']:.2f} s"]
+    lines += [f"not saved: {shown(n)}: {shown(why)} (resume replays the cells that made it)"
               for n, why in out.get("skipped", {}).items()]
     return CommandOutput("\n".join(lines), data=out)
 
@@ -238,7 +245,7 @@ async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
 async def resume(ctx: CommandContext, args: Any) -> CommandOutput:
     """Resume a paused or frozen session (running a cell does it too)."""
     report = await (await _target(ctx, args.name)).resume(args.checkpoint)
-    return CommandOutput(str(report), data=report.__dict__)
+    return CommandOutput(report_text(report), data=report.__dict__)
 
 
 @command
@@ -251,7 +258,7 @@ async def timeout(ctx: CommandContext, args: Any) -> CommandOutput:
     session = await _target(ctx, args.name)
     info = session.set_timeout(args.seconds, args.on_timeout)
     when = time.strftime("%H:%M:%S", time.localtime(info["expires_at"]))
-    return CommandOutput(f"{session.name}: lease {info['timeout']:g} s, expires at {when}, "
+    return CommandOutput(f"{shown(session.name)}: lease {info['timeout']:g} s, expires at {when}, "
                          f"then {info['on_timeout']}", data=info)
 
 
@@ -266,7 +273,7 @@ async def install(ctx: CommandContext, args: Any) -> CommandOutput:
     result = await (await ctx.current()).install(args.packages)
     ctx.last_timing = {f"install.{k}": v for k, v in result.timing.items()}
     ctx.last_insights = list(result.insights)
-    lines = [result.summary(), *(f"insight: {i}" for i in result.insights)]
+    lines = [shown(result.summary()), *(f"insight: {shown(i)}" for i in result.insights)]
     return CommandOutput("\n".join(lines), data={"timing": result.timing,
                                                   "layers": result.layers})
 
@@ -322,8 +329,8 @@ async def download(ctx: CommandContext, args: Any) -> CommandOutput:
     finally:
         if done is not None:
             done()
-    return CommandOutput("\n".join(f"{r['source']} -> {r['dest']} ({format_size(r['size'])}, "
-                                   "verified)" for r in results),
+    return CommandOutput("\n".join(f"{shown(r['source'])} -> {shown(r['dest'])} "
+                                   f"({format_size(r['size'])}, verified)" for r in results),
                          data={"view": "transfer", **group.get_progress()})
 
 
@@ -365,7 +372,7 @@ async def restore(ctx: CommandContext, args: Any) -> CommandOutput:
     """Go back to a checkpoint: variables and files."""
     key: Any = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
     report = await (await ctx.current()).restore(key)
-    return CommandOutput(str(report), data=report.__dict__)
+    return CommandOutput(report_text(report), data=report.__dict__)
 
 
 @command
@@ -381,7 +388,7 @@ async def fork(ctx: CommandContext, args: Any) -> CommandOutput:
     child = await (await ctx.current()).fork(key, args.name)
     if args.use:
         await ctx.use(child)
-    return CommandOutput(f"forked into {child.name} ({child.id})"
+    return CommandOutput(f"forked into {shown(child.name)} ({child.id})"
                          + ("; it is now current" if args.use else ""), data=child.info())
 
 
@@ -417,8 +424,9 @@ async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
         i = s.info()
         idle = now - i["last_activity"]
         if idle > 900:
-            found.append(f"session {i['name']} has been idle for {idle / 60:.0f} min: "
-                         f"`%session pause {i['name']}` frees its memory and keeps its state")
+            name = shown(i["name"])
+            found.append(f"session {name} has been idle for {idle / 60:.0f} min: "
+                         f"`%session pause {name}` frees its memory and keeps its state")
     return render_insights(found)
 
 
@@ -457,7 +465,7 @@ def session_row(i: dict[str, Any], now: float | None = None) -> dict[str, str]:
     now = time.time() if now is None else now
     live = i["status"] in ("starting", "running", "frozen")
     return {
-        "name": i["name"], "status": i["status"], "language": i["language"],
+        "name": shown(i["name"]), "status": shown(i["status"]), "language": shown(i["language"]),
         "lease": ago(i["expires_at"] - now) if live else "-",
         "cpu": f"{i['usage']['cpu_seconds']:.1f} s" if i.get("usage") else "-",
         "memory": format_size(i["usage"]["memory"]) if i.get("usage") else "-",
@@ -491,7 +499,7 @@ def render_info(info: dict[str, Any]) -> CommandOutput:
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
-        rows.append((key, "-" if value is None else str(value)))
+        rows.append((shown(key), "-" if value is None else shown(value)))
     text = "\n".join(f"{k + ':':16}{v}" for k, v in rows)
     markup = "<table>" + "".join(
         f"<tr><th style='text-align:left'>{_esc(k)}</th><td style='text-align:left'>{_esc(v)}"
@@ -516,6 +524,8 @@ def render_timing(timing: dict[str, float] | None) -> CommandOutput:
 
 
 def render_insights(found: list[str]) -> CommandOutput:
+    """Insights may quote what a sandbox or a package index named: each is shown escaped."""
+    found = [shown(i) for i in found]
     if not found:
         return CommandOutput("no insights: no stage dominated the last run",
                              data={"view": "insights", "insights": []})
@@ -525,6 +535,9 @@ def render_insights(found: list[str]) -> CommandOutput:
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> CommandOutput:
+    """A text table and its HTML. A cell is one line, so every cell is escaped here, where
+    no caller can forget it: artifact paths, MIME types, labels and code come from sandboxes."""
+    rows = [tuple(shown(v) for v in r) for r in rows]
     widths = [max(len(str(r[c])) for r in [head, *rows]) for c in range(len(head))]
     text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                      for r in [head, *rows])
@@ -532,6 +545,19 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> CommandOutput:
               + "".join("<tr>" + "".join(f"<td>{_esc(str(v))}</td>" for v in r) + "</tr>"
                         for r in rows) + "</table>")
     return CommandOutput(text, markup)
+
+
+def report_text(report: ResumeReport) -> str:
+    """A resume's or restore's report as text, each name and reason escaped on its own.
+
+    The names and reasons come from the sandbox (a variable may be called
+    ``"x\\nsession closed OK"``); escaping the joined text would keep such a newline.
+    """
+    return str(dataclasses.replace(
+        report, restored=[shown(n) for n in report.restored],
+        imports=[shown(n) for n in report.imports],
+        replayed={shown(n): cells for n, cells in report.replayed.items()},
+        lost={shown(n): shown(why) for n, why in report.lost.items()}))
 
 
 _COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2")

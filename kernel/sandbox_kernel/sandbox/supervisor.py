@@ -72,15 +72,20 @@ def describe_exit(returncode: int, via_bwrap: bool, oom: bool, memory: int | Non
 
 
 def _last_log_line(session_dir: Path) -> str:
+    """The log's last non-empty line, escaped: the sandbox wrote it, and it becomes the
+    session's reason, which every client prints. Lines end at newlines only, so a
+    carriage return meant to overwrite the line shows as ``\\r`` instead of cutting it."""
+    from sandbox_kernel.shown import shown  # stdlib only; needed once a kernel has died
+
     try:
         with open(session_dir / KERNEL_LOG, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").split("\n")]
     except OSError:
         return ""
     lines = [ln for ln in lines if ln]
-    return lines[-1][:300] if lines else ""
+    return shown(lines[-1], limit=300) if lines else ""
 
 
 class Supervisor:
