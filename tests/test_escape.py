@@ -31,9 +31,9 @@ def test_cannot_see_the_registry_other_sessions_or_their_kernel_keys(manager):
     attacker = manager.create(name="attacker")
     home = Path(manager.home)
     victim_dir = Path(victim.info()["work_dir"]).parent
-    key = json.loads((victim_dir / "kernel" / "client.json").read_text())["key"]
+    key = json.loads((victim_dir / "client.json").read_text())["key"]
     (victim.work_dir / "private.txt").write_text("victim's data")
-    paths = [str(home / "registry.db"), str(victim_dir / "kernel" / "client.json"),
+    paths = [str(home / "registry.db"), str(victim_dir / "client.json"),
              str(victim.work_dir / "private.txt"), str(home / "store"), str(home / "sessions")]
     out = probe(attacker, f"""
         import os, glob

@@ -95,14 +95,17 @@ class _Request:
 
 
 class KernelConnection:
-    def __init__(self, connection_file: str, on_unrouted: MessageHook | None = None,
+    def __init__(self, connection: str | dict[str, Any], on_unrouted: MessageHook | None = None,
                  linger: float = 0.0):
-        """``linger``: seconds a shell request keeps collecting output after its reply and
+        """``connection``: a connection file, or the connection info itself (what the
+        sandbox kernel uses: built by the host, never read from a file a sandbox can write).
+        ``linger``: seconds a shell request keeps collecting output after its reply and
         idle status, for kernels whose output can trail them (Deno's, under load)."""
-        self.client = AsyncKernelClient(
-            connection_file=connection_file, context=zmq.asyncio.Context.instance()
-        )
-        self.client.load_connection_file()
+        self.client = AsyncKernelClient(context=zmq.asyncio.Context.instance())
+        if isinstance(connection, dict):
+            self.client.load_connection_info(connection)
+        else:
+            self.client.load_connection_file(connection)
         self.session = self.client.session
         self.on_unrouted = on_unrouted
         self._pending: dict[str, _Request] = {}

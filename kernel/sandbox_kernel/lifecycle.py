@@ -49,7 +49,8 @@ from .errors import (
 )
 from .paths import SessionLayout
 from .replay import plan_replay
-from .sandbox import supervisor
+from .report_schema import capture_report, load_report
+from .sandbox import identity, supervisor
 from .sandbox.launcher import INSIDE_KERNEL, INSIDE_SNAPSHOTS, INSIDE_VIEWS
 from .snapshot import REPORT, request_code
 from .store import FileRecord
@@ -503,7 +504,7 @@ class LifecycleMixin:
         name = f"snap-{secrets.token_hex(6)}"
         shm = layout.snapshots
         if (in_memory_bytes is not None and shm is not None and shm.is_dir()
-                and (shm / ".bound").exists()
+                and layout.snapshots_mark.exists()
                 and _free_bytes(shm) > 1.25 * in_memory_bytes + (256 << 20)):
             base, inside_base = shm, INSIDE_SNAPSHOTS if bwrap else str(shm)
             staging = shm.with_name(shm.name + ".staging")
@@ -520,8 +521,9 @@ class LifecycleMixin:
                     else:
                         stale.unlink(missing_ok=True)
         (base / name).mkdir(mode=0o700)
+        identity.hand_over(base / name, identity.load(layout.root))
         views = None
-        if (layout.views / ".bound").exists():
+        if layout.views_mark.exists():
             views = layout.views, INSIDE_VIEWS if bwrap else str(layout.views)
         return SnapshotDir(base=WorkDir(base), name=name, inside=f"{inside_base}/{name}",
                            staging=staging / name, views=views)
@@ -592,7 +594,7 @@ class LifecycleMixin:
                 await asyncio.wait([capturing], timeout=0.005)
             await capturing
             captured = time.perf_counter()
-            report = self._read_report(snap)
+            report = capture_report(self._read_report(snap))
             names = [f for v in report["variables"].values() for f in v["files"]]
             self._store_written(snap, storing, names)
             records = {f: await asyncio.wrap_future(storing[f]) for f in names}
@@ -772,21 +774,22 @@ class LifecycleMixin:
             if relaunch is not None:
                 await self._relaunch(relaunch)
             shown = dict(await exporting_early)
+            asked = _requested(variables, early, shown)
             await self._run_internal(request_code({
                 "op": "restore", "dir": snap.inside, "imports": manifest["imports"],
-                "variables": _requested(variables, early, shown),
+                "variables": asked,
                 "execution_count": manifest["execution_count"], "reset": reset}))
-            loaded = self._read_report(snap)
+            loaded = load_report(self._read_report(snap), {*asked, *manifest["imports"]})
         finally:
             await asyncio.wait([exporting])
             if not exporting.cancelled():
                 exporting.exception()  # seen: a failed early batch fails this task too
         shown.update(exporting.result())
         if late:
+            asked = _requested(variables, late, shown)
             await self._run_internal(request_code({
-                "op": "load", "dir": snap.inside,
-                "variables": _requested(variables, late, shown)}))
-            more = self._read_report(snap)
+                "op": "load", "dir": snap.inside, "variables": asked}))
+            more = load_report(self._read_report(snap), set(asked))
             loaded["restored"] += more["restored"]
             loaded["failed"].update(more["failed"])
         return loaded, shown

@@ -36,6 +36,7 @@ from traitlets.config import LoggingConfigurable
 from . import portal
 from .artifacts import ArtifactPolicy, check_tag
 from .deno_packages import DenoPackages, parse_specs
+from .endpoints import PORTS, write_host_connection
 from .errors import (
     InvalidArgument,
     NameTaken,
@@ -51,9 +52,9 @@ from .limits import DEFAULT_LIMITS, validate_limits
 from .packages import PackageInstaller, parse_requirements
 from .paths import MAX_SOCKET_PATH, SHM_ROOT, SessionLayout, default_home
 from .registry import LIVE_STATUSES, Registry, lease_clock, lease_left
-from .sandbox import supervisor
+from .sandbox import identity, supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
-from .session import PORTS, AsyncSession, Session
+from .session import AsyncSession, Session
 from .store import ContentStore
 from .workdir import relative_parts
 
@@ -267,6 +268,7 @@ class SessionManager(LoggingConfigurable):
             "tags": row["tags"],
             "limits": row["limits"],
             "enforcement": enforcement,
+            "user": _sandbox_user(row),
             "execution_count": row["execution_count"],
             "work_dir": str(sdir / "work"),
             "pid": row["supervisor_pid"],
@@ -585,17 +587,31 @@ class SessionManager(LoggingConfigurable):
         if layers:
             env[LAYERS_ENV] = os.pathsep.join(
                 self._layer_dir(launcher.isolation, lid) for lid in layers)
-        plan = launcher.plan(layout, command, env, self.installer.layers_dir)
+        ident = None
+        if launcher.isolation == "bwrap":
+            ident = identity.claim(layout.root, session_id)
+            for shared in (layout.work, layout.kernel, layout.views, layout.make_snapshots()):
+                if shared is not None:
+                    identity.hand_over(shared, ident)
+        plan = launcher.plan(layout, command, env, self.installer.layers_dir, ident)
         key = str(uuid.uuid4()).encode()
         for stale in layout.kernel.glob("k-*"):  # sockets of a sandbox that has ended
             stale.unlink(missing_ok=True)
-        write_connection_file(str(layout.kernel / "kernel.json"), ip=plan.kernel_socket_prefix,
+        layout.legacy_connection_file.unlink(missing_ok=True)
+        # The kernel's copy (it needs the key), written host-side and renamed in: the name
+        # in the kernel directory may be a link the last sandbox left. Clients use the
+        # host's own record (see endpoints).
+        staged = layout.root / ".kernel.json.tmp"
+        staged.unlink(missing_ok=True)
+        write_connection_file(str(staged), ip=plan.kernel_socket_prefix,
                               key=key, transport="ipc", **PORTS)
-        write_connection_file(str(layout.connection_file), ip=str(layout.socket_prefix),
-                              key=key, transport="ipc", **PORTS)
+        identity.hand_over(staged, ident)
+        os.replace(staged, layout.kernel / "kernel.json")
+        write_host_connection(layout, key)
         supervisor.write_json_atomic(layout.root / supervisor.PLAN_FILE, {
             "session_id": session_id, "registry": str(self.registry.path),
             "argv": plan.argv, "env": plan.env, "cwd": plan.cwd, "limits": limits,
+            "run_as": plan.run_as, "stage": plan.stage,
             "bwrap": plan.isolation == "bwrap",
             "address_space_limit": command.address_space_limit,
             "on_expiry": [sys.executable, "-m", "sandbox_kernel.lease", str(self.home),
@@ -662,6 +678,7 @@ class SessionManager(LoggingConfigurable):
         pid = self._supervisor_pid(row)
         if pid is not None:
             await _stop_process(pid, self.close_timeout)
+        identity.release(Path(row["session_dir"]))
         shutil.rmtree(row["session_dir"], ignore_errors=True)
         shm = SessionLayout(Path(row["session_dir"])).snapshots
         if shm is not None:
@@ -754,6 +771,19 @@ class AsyncSessionManager(SessionManager):
 
     async def close(self, key: str) -> None:  # type: ignore[override]
         await self._async_close(key)
+
+
+def _sandbox_user(row: dict[str, Any]) -> dict[str, Any]:
+    """Which host user the session's sandbox runs as (see sandbox.identity)."""
+    ident = identity.load(Path(row["session_dir"]))
+    if ident is not None:
+        return ident.describe()
+    if row["isolation"] != "bwrap":
+        return {"uid": os.getuid(), "gid": os.getgid(), "separate": False,
+                "note": "a plain process of the manager's own user (no isolation)"}
+    return {"uid": None, "gid": None, "separate": False,
+            "note": "not recorded: started by an older version; it gets a uid of its own "
+            "when it is next resumed"}
 
 
 async def _stop_process(pid: int, timeout: float) -> None:

@@ -385,6 +385,7 @@ class PackageInstaller(LoggingConfigurable):
                 if self.registry.layer(layer_id) is None:  # its builder died before recording it
                     self.registry.store_layer(layer_id, pins, python_tag(python), _tree_size(path))
                 self.registry.touch_layer(layer_id)
+                path.chmod(0o755)  # built before sandboxes had uids of their own: 0700
                 _compile_bytecode(path, python)  # unless done: its compiler may have been killed
                 return layer_id, False
             tmp = Path(tempfile.mkdtemp(prefix=f".build-{layer_id}-", dir=self.layers_dir))
@@ -397,6 +398,8 @@ class PackageInstaller(LoggingConfigurable):
                          hold=(lock_fd,))
                 (tmp / "site-packages" / ".lock").unlink(missing_ok=True)  # uv's, for --target
                 (tmp / _COMPLETE).write_text(json.dumps(pins))
+                # mkdtemp made it 0700; sandboxes run as uids of their own and read it.
+                tmp.chmod(0o755)
                 shutil.rmtree(path, ignore_errors=True)  # a half-built leftover
                 os.replace(tmp, path)
             except BaseException:

@@ -61,9 +61,32 @@ class SessionLayout:
         return self.root / "views"
 
     @property
+    def views_mark(self) -> Path:
+        """Present when the views directory is bound into the sandbox. Host-only: a mark
+        inside a directory the sandbox can write could be a link the host then follows."""
+        return self.root / "views.bound"
+
+    @property
+    def snapshots_mark(self) -> Path:
+        """Present when the shared-memory snapshot directory is bound (host-only too)."""
+        return self.root / "snapshots.bound"
+
+    @property
     def connection_file(self) -> Path:
-        """The connection file as seen from the host, used by every client."""
+        """The connection info every client uses: host-only (the session root is never
+        bound), so the sandbox cannot point clients elsewhere (see endpoints)."""
+        return self.root / "client.json"
+
+    @property
+    def legacy_connection_file(self) -> Path:
+        """Where sessions started before 0.x kept it, in the sandbox-writable kernel
+        directory: only its key is still read from there (see endpoints)."""
         return self.kernel / "client.json"
+
+    @property
+    def socket_links(self) -> Path:
+        """Host-only hard links to the kernel's sockets, verified before each attach."""
+        return self.root / "sock"
 
     @property
     def snapshots(self) -> Path | None:

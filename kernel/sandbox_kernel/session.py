@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import portal
 from .artifacts import Artifact, ArtifactRecorder
 from .connection import ConnectionLost, KernelConnection, MessageHook
+from .endpoints import connection_info, link_sockets, sockets_bound
 from .errors import (
     ExecutionTimeout,
     InvalidArgument,
@@ -36,8 +37,10 @@ from .errors import (
 from .kernelspecs import DENO_LANGUAGES
 from .lifecycle import SUSPENDED_MARK, Checkpoint, LifecycleMixin, ResumeReport
 from .packages import InstallResult
+from .paths import SessionLayout
 from .registry import lease_left
 from .result import ExecutionResult, output_from_message
+from .sandbox import identity
 from .timing import Timing
 from .transfer import DownloadGroup, UploadCommit, upload_paths
 
@@ -78,7 +81,6 @@ del _sandbox_kernel_activate
 """
 
 #: ipc socket suffixes used in every connection file we write.
-PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 
 
 class _PauseInProgress(SessionBusy):
@@ -465,17 +467,17 @@ class AsyncSession(LifecycleMixin):
         deadline = time.monotonic() + self.manager.start_timeout
         self._gone = None
         self._watch(row)
-        prefix = Path(row["session_dir"]) / "kernel" / "k"
-        sockets = [Path(f"{prefix}-{PORTS[p]}") for p in
-                   ("shell_port", "iopub_port", "stdin_port", "control_port")]
-        while not all(s.exists() for s in sockets):
+        layout = SessionLayout(Path(row["session_dir"]))
+        while not sockets_bound(layout):
             self._check_gone()
             if time.monotonic() > deadline:
                 raise self._start_timed_out(row)
             await asyncio.sleep(0.003)
+        # What we connect to is the host's: checked links to the kernel's own sockets.
+        link_sockets(layout, identity.load(layout.root))
         # Deno can publish a cell's output after its idle status when the machine is busy.
         linger = 0.05 if row["language"] in DENO_LANGUAGES else 0.0
-        conn = KernelConnection(row["connection_file"], on_unrouted=self._unrouted,
+        conn = KernelConnection(connection_info(layout), on_unrouted=self._unrouted,
                                 linger=linger)
         conn.open()
         self._opening = conn

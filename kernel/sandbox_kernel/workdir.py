@@ -49,10 +49,13 @@ class WorkDir:
         """A descriptor of the directory ``parts`` (components, no links), made if asked."""
         fd = os.open(self.root, _DIR_FLAGS)
         try:
+            owner = self._foreign_owner() if create else None
             for name in parts:
                 if create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, 0o755, dir_fd=fd)
+                        if owner is not None:  # a link swapped in meanwhile: its own owner
+                            os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
                 try:
                     nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
@@ -72,8 +75,17 @@ class WorkDir:
                 existing = None
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 raise UnsafePath(f"{'/'.join(parts)} is a directory in the work directory")
+            owner = self._foreign_owner()
+            if owner is not None:  # the sandbox's user owns what the host puts in its place
+                os.chown(source, *owner, follow_symlinks=False)
             os.replace(source, parts[-1], dst_dir_fd=fd)  # replaces a link, never follows it
             return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+
+    def _foreign_owner(self) -> tuple[int, int] | None:
+        """The root directory's owner when it is not us: a sandbox that runs as a uid of its
+        own (see sandbox.identity) must own the files and directories the host creates."""
+        st = os.stat(self.root, follow_symlinks=False)
+        return None if st.st_uid == os.geteuid() else (st.st_uid, st.st_gid)
 
     @contextlib.contextmanager
     def open_file(self, parts: tuple[str, ...]) -> Iterator[tuple[int, os.stat_result]]:

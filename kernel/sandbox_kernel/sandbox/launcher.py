@@ -21,6 +21,8 @@ from traitlets import Bool, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..paths import SessionLayout
+from .identity import Identity
+from .mountns import make_stage, staged_path
 
 #: Where the session's directories appear inside a bwrap sandbox.
 INSIDE_WORK = "/home/sandbox"
@@ -57,6 +59,10 @@ class LaunchPlan:
     work_dir_inside: str
     #: Where the package layers directory appears to the kernel.
     layers_inside: str
+    #: The host uid and gid the sandbox runs as, when the supervisor must drop to them.
+    run_as: tuple[int, int] | None = None
+    #: Host paths the supervisor stages (see mountns) before it drops to ``run_as``.
+    stage: list[str] = field(default_factory=list)
 
 
 def base_env(home: str, tmp: str, path_dirs: Sequence[str]) -> dict[str, str]:
@@ -94,7 +100,7 @@ class SandboxLauncher(LoggingConfigurable):
 
     def plan(
         self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str],
-        layers_dir: Path,
+        layers_dir: Path, identity: Identity | None = None,
     ) -> LaunchPlan:
         conn = str(layout.kernel / "kernel.json")
         _offer_snapshots(layout)
@@ -159,7 +165,7 @@ class BwrapLauncher(SandboxLauncher):
 
     def plan(
         self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str],
-        layers_dir: Path,
+        layers_dir: Path, identity: Identity | None = None,
     ) -> LaunchPlan:
         write_etc(layout.etc, self.uid)
         conn = f"{INSIDE_KERNEL}/kernel.json"
@@ -212,6 +218,10 @@ class BwrapLauncher(SandboxLauncher):
         env = base_env(INSIDE_WORK, INSIDE_TMP, _bin_dirs(command))
         env.update(command.env)
         env.update(user_env)
+        run_as, stage = None, []
+        if identity is not None and identity.separate:
+            run_as = (identity.uid, identity.gid)
+            args, stage = _staged(args)
         return LaunchPlan(
             argv=args + [a.replace("{connection_file}", conn) for a in command.argv],
             env=env,
@@ -221,7 +231,40 @@ class BwrapLauncher(SandboxLauncher):
             kernel_socket_prefix=f"{INSIDE_KERNEL}/k",
             work_dir_inside=INSIDE_WORK,
             layers_inside=INSIDE_LAYERS,
+            run_as=run_as,
+            stage=stage,
         )
+
+
+#: Host trees every user can read by path: bound as they are, not staged.
+_PUBLIC = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def _staged(args: list[str]) -> tuple[list[str], list[str]]:
+    """The bwrap arguments with every private bind source replaced by its staged copy.
+
+    An unprivileged uid cannot reach the interpreter under /root or the state
+    directory by path; the supervisor bind-mounts them into a private staging
+    tmpfs first (mountns.stage_and_drop), and bubblewrap binds from there.
+    """
+    out, stage = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--bind", "--ro-bind", "--ro-bind-try") and i + 2 < len(args):
+            source, dest = args[i + 1], args[i + 2]
+            if not _under(source, _PUBLIC) and os.path.exists(source):
+                out += [arg, staged_path(len(stage)), dest]
+                stage.append(source)
+            elif arg != "--ro-bind-try" or os.path.exists(source):
+                out += [arg, source, dest]
+            i += 3
+            continue
+        out.append(arg)
+        i += 1
+    if stage:
+        make_stage()
+    return out, stage
 
 
 def _offer_views(layout: SessionLayout) -> Path:
@@ -231,7 +274,7 @@ def _offer_views(layout: SessionLayout) -> Path:
     snapshots are then loaded from copies.
     """
     layout.views.mkdir(mode=0o700, exist_ok=True)
-    (layout.views / ".bound").touch()
+    layout.views_mark.touch()
     return layout.views
 
 
@@ -239,7 +282,7 @@ def _offer_snapshots(layout: SessionLayout) -> Path | None:
     """The session's shared-memory snapshot directory, marked as reachable by its kernel."""
     shm = layout.make_snapshots()
     if shm is not None:
-        (shm / ".bound").touch()
+        layout.snapshots_mark.touch()
     return shm
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 from sandbox_kernel.registry import Registry, lease_left
 from sandbox_kernel.sandbox.cgroups import Cgroups
+from sandbox_kernel.sandbox.kernel_log import DEFAULT_CAP, CappedLog
+from sandbox_kernel.sandbox.mountns import stage_and_drop
 
 PLAN_FILE = "launch.json"
 STATE_FILE = "supervisor.json"
@@ -99,24 +101,30 @@ class Supervisor:
         self.registry: Registry | None = None
         self.expiry: subprocess.Popen[bytes] | None = None
         self.expiry_started = float("-inf")
+        self.log: CappedLog | None = None
+        self.log_pipe: int | None = None
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         enforcement = self._confine()
-        log = open(self.session_dir / KERNEL_LOG, "ab")  # noqa: SIM115 - handed to the child
+        # The kernel writes into a pipe; we keep its newest output, capped (see kernel_log).
+        self.log = CappedLog(self.session_dir / KERNEL_LOG, self.plan.get("log_cap", DEFAULT_CAP))
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(read_end, False)
+        self.log_pipe = read_end
         self.child = subprocess.Popen(
             self.plan["argv"],
             env=self.plan["env"],
             cwd=self.plan["cwd"],
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+            stdout=write_end,
+            stderr=write_end,
             start_new_session=True,
             preexec_fn=self._enter_limits,
         )
-        log.close()
+        os.close(write_end)
         write_json_atomic(
             self.session_dir / STATE_FILE,
             {
@@ -128,6 +136,7 @@ class Supervisor:
         )
         self._wait()
         returncode = self.child.wait()
+        self._drain_log()
         oom = self.cgroups.oom_killed()
         reason = describe_exit(returncode, self.plan["bwrap"], oom, self.limits.get("memory"))
         if returncode not in (0,) and not oom and not self.stopping:
@@ -157,7 +166,7 @@ class Supervisor:
             processes=self.limits.get("processes"),
         )
         has = self.cgroups.dirs
-        root = os.getuid() == 0
+        root = os.getuid() == 0 and not self.plan.get("run_as")
         as_limit = self.plan.get("address_space_limit", True)
         return {
             "memory": ("cgroup+rlimit" if as_limit else "cgroup") if "memory" in has else (
@@ -181,19 +190,49 @@ class Supervisor:
             if name == "memory" and not self.plan.get("address_space_limit", True):
                 continue
             resource.setrlimit(which, (value, value))
+        run_as = self.plan.get("run_as")
+        if run_as:  # last: staging needs root, and nothing after it may keep root
+            stage_and_drop(self.plan.get("stage", []), run_as[0], run_as[1])
 
     def _wait(self) -> None:
         assert self.child is not None
         pidfd = os.pidfd_open(self.child.pid)
-        tick = TICK_SECONDS
+        next_check = time.monotonic() + TICK_SECONDS
         try:
-            while not select.select([pidfd], [], [], tick)[0]:
-                try:
-                    tick = self._check_lease()
-                except Exception:  # the registry may be busy: next tick
-                    tick = TICK_SECONDS
+            while True:
+                watched = [pidfd] if self.log_pipe is None else [pidfd, self.log_pipe]
+                wait = max(0.0, next_check - time.monotonic())
+                ready = select.select(watched, [], [], wait)[0]
+                if pidfd in ready:
+                    return
+                if (self.log_pipe in ready and self.log is not None
+                        and not self.log.drain(self.log_pipe)):
+                    os.close(self.log_pipe)
+                    self.log_pipe = None
+                if time.monotonic() >= next_check:
+                    try:
+                        tick = self._check_lease()
+                    except Exception:  # the registry may be busy: next tick
+                        tick = TICK_SECONDS
+                    next_check = time.monotonic() + tick
         finally:
             os.close(pidfd)
+
+    def _drain_log(self) -> None:
+        """What the kernel wrote last (its dying words), then the log is closed."""
+        if self.log is None:
+            return
+        if self.log_pipe is not None:
+            # Bounded: a process the kernel left behind may still be writing.
+            for _ in range(64):
+                if not select.select([self.log_pipe], [], [], 0)[0]:
+                    break
+                with contextlib.suppress(OSError):
+                    if not self.log.drain(self.log_pipe):
+                        break
+            os.close(self.log_pipe)
+            self.log_pipe = None
+        self.log.close()
 
     def _check_lease(self) -> float:
         """Enforce the lease with no client alive: past expiry, start the expiry helper.

@@ -1,0 +1,120 @@
+"""The strict schema of the reports a sandbox writes when it captures or loads its state.
+
+The report comes from code that runs in the sandbox, next to the user's code,
+which can replace anything there (``exec``, ``json``, the capture function):
+whatever it says is hostile input. The host takes from it only what this
+module lets through: names from a fixed grammar (Python identifiers, dotted
+module names, and capture file names the host itself would have chosen,
+one path component each), sizes and counts that are integers in range, and
+texts that are strings of bounded length. Anything else fails the whole
+report, so a pause, checkpoint or resume stops with a clear error and the
+session keeps its state; nothing in it is ever used to build a host path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import SandboxError
+
+#: What a report may hold at most: generous for real notebooks, small for the host.
+MAX_VARIABLES = 200_000
+MAX_BUFFERS = 10_000
+MAX_TEXT = 1000
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PICKLERS = ("pickle", "cloudpickle")
+
+
+class ReportInvalid(SandboxError):
+    """A sandbox's snapshot report does not follow the schema: nothing of it is used."""
+
+
+def _fail(what: str) -> ReportInvalid:
+    return ReportInvalid(f"the sandbox's snapshot report is not valid ({what}); the state "
+                         "was not saved or loaded from it, and the session keeps its state")
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.isidentifier() or len(value) > 256:
+        raise _fail(f"{what} {value!r:.80} is not a Python name")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(f"{what} is not a string")
+    return value[:MAX_TEXT]
+
+
+def _count(value: Any, what: str, low: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**62:
+        raise _fail(f"{what} is not a whole number from {low}")
+    return value
+
+
+def _mapping(value: Any, what: str, limit: int = MAX_VARIABLES) -> dict[str, Any]:
+    if not isinstance(value, dict) or len(value) > limit:
+        raise _fail(f"{what} is not a mapping of at most {limit} entries")
+    return value
+
+
+def capture_files(index: int, buffers: int) -> list[str]:
+    """The files a capture writes for its ``index``-th variable with ``buffers`` buffers:
+    the only names the host accepts (see snapshot.capture)."""
+    return [f"v{index}.pkl"] + [f"v{index}.b{i}" for i in range(buffers)]
+
+
+def capture_report(data: Any) -> dict[str, Any]:
+    """A capture report, checked and rebuilt from its valid parts only."""
+    data = _mapping(data, "the report", 16)
+    variables: dict[str, Any] = {}
+    seen: set[int] = set()
+    for name, entry in _mapping(data.get("variables"), "variables").items():
+        _name(name, "a variable")
+        entry = _mapping(entry, f"variable {name}", 16)
+        files = entry.get("files")
+        if not isinstance(files, list) or not 1 <= len(files) <= MAX_BUFFERS + 1:
+            raise _fail(f"the files of {name} are not a list of 1 to {MAX_BUFFERS + 1} names")
+        first = files[0]
+        match = re.fullmatch(r"v(\d{1,9})\.pkl", first) if isinstance(first, str) else None
+        if match is None:
+            raise _fail(f"the first file of {name} is {first!r:.80}, not vN.pkl")
+        index = int(match.group(1))
+        if index in seen or files != capture_files(index, len(files) - 1):
+            raise _fail(f"the files of {name} are not the names a capture writes")
+        seen.add(index)
+        pickler = entry.get("pickler")
+        if pickler not in _PICKLERS:
+            raise _fail(f"the pickler of {name} is not one of {', '.join(_PICKLERS)}")
+        variables[name] = {"files": list(files), "type": _text(entry.get("type"), "a type"),
+                           "size": _count(entry.get("size"), f"the size of {name}"),
+                           "pickler": pickler}
+    imports = {}
+    for name, module in _mapping(data.get("imports"), "imports").items():
+        _name(name, "an import")
+        if not isinstance(module, str) or not _MODULE.fullmatch(module) or len(module) > 256:
+            raise _fail(f"the module of {name} is not a dotted module name")
+        imports[name] = module
+    skipped = {_name(n, "a skipped variable"): _text(why, "a reason")
+               for n, why in _mapping(data.get("skipped"), "skipped").items()}
+    return {"variables": variables, "imports": imports, "skipped": skipped,
+            "execution_count": _count(data.get("execution_count"), "the execution count", 1)}
+
+
+def load_report(data: Any, requested: set[str]) -> dict[str, Any]:
+    """A load or restore report: only names the host asked for, texts bounded."""
+    data = _mapping(data, "the report", 16)
+    restored = data.get("restored")
+    if not isinstance(restored, list) or len(restored) > MAX_VARIABLES:
+        raise _fail("restored is not a list")
+    failed = _mapping(data.get("failed", {}), "failed")
+    imports = data.get("imports", [])
+    if not isinstance(imports, list) or len(imports) > MAX_VARIABLES:
+        raise _fail("imports is not a list")
+    for name in [*restored, *failed, *imports]:
+        _name(name, "a loaded name")
+        if name not in requested:
+            raise _fail(f"it names {name!r}, which was not asked for")
+    return {"restored": list(restored), "imports": list(imports),
+            "failed": {n: _text(why, "a reason") for n, why in failed.items()}}
