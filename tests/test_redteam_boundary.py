@@ -201,3 +201,19 @@ def test_proc_sys_is_not_writable_and_the_sandbox_is_not_host_root(manager):
         a.upload(str(Path(a.info()["work_dir"]).parent / "up.txt"))
         r = a.run("open('up.txt', 'a').write('more'); print(open('up.txt').read())")
         assert r.ok and r.stdout.strip() == "umore", r.error
+
+
+def test_flooding_the_kernel_log_stays_within_its_cap(manager):
+    """The kernel's stdout and stderr land in the host's state directory: 12 MiB written
+    at the C level keep at most the cap (4 MiB) there, with the newest lines."""
+    s = manager.create(name="flooder")
+    r = s.run("import os\nfor i in range(3000):\n    os.write(2, b'x' * 4095 + b'\\n')\n"
+              "os.write(2, b'the newest line\\n')")
+    assert r.ok, r.error
+    session_dir = Path(s.info()["work_dir"]).parent
+    logs = [session_dir / "kernel.log", session_dir / "kernel.log.1"]
+    deadline = time.monotonic() + 10
+    while b"the newest line" not in logs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"the newest line" in logs[0].read_bytes()
+    assert sum(p.stat().st_size for p in logs if p.exists()) <= 4 << 20
