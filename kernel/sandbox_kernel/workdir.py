@@ -4,13 +4,19 @@ The sandbox can put anything in its work directory, symlinks to host files
 included, and can swap a directory for a link between our check and our use.
 So the host never resolves a path there with the kernel's path walk: it opens
 each component with ``O_NOFOLLOW`` relative to the directory before it, and
-places and reads files through those descriptors. A link anywhere on the way
-is refused, and nothing ever follows one out of the work directory.
+places, reads and lists files through those descriptors. A link anywhere on
+the way is refused, and nothing ever follows one out of the work directory.
+
+A component is one name: ``..``, ``.``, an empty name or one holding ``/``
+would make the kernel walk more than one step inside ``openat`` (where
+``O_NOFOLLOW`` guards only the last), so every method refuses them, whoever
+built the parts (file names read from a report the sandbox wrote included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -22,7 +28,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnsafePath(SandboxError):
-    """A path in the work directory runs through a link or is not a regular file."""
+    """A path in the work directory runs through a link, is not a regular file, or has a
+    component that is not a single name."""
 
 
 def relative_parts(path: str | os.PathLike[str], what: str = "path") -> tuple[str, ...]:
@@ -40,6 +47,22 @@ def relative_parts(path: str | os.PathLike[str], what: str = "path") -> tuple[st
     return parts
 
 
+def check_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """``parts`` if each is one plain name (not "", ".", "..", no "/" or NUL), else UnsafePath.
+
+    ``openat(dir_fd, "a/../b", O_NOFOLLOW)`` walks ``..`` and follows links in
+    every component but the last; only single names keep the walk one step long.
+    """
+    if not isinstance(parts, tuple):
+        raise UnsafePath(f"work-directory path components must be a tuple, not {parts!r}")
+    for name in parts:
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name
+                or "\0" in name):
+            raise UnsafePath(f"{'/'.join(map(str, parts))!r}: the component {name!r} is not "
+                             "a single file name inside the work directory")
+    return parts
+
+
 class WorkDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -47,6 +70,7 @@ class WorkDir:
     @contextlib.contextmanager
     def directory(self, parts: tuple[str, ...], create: bool = False) -> Iterator[int]:
         """A descriptor of the directory ``parts`` (components, no links), made if asked."""
+        check_parts(parts)
         fd = os.open(self.root, _DIR_FLAGS)
         try:
             owner = self._foreign_owner() if create else None
@@ -68,7 +92,7 @@ class WorkDir:
 
     def place(self, source: str | Path, parts: tuple[str, ...]) -> os.stat_result:
         """Move ``source`` (same filesystem) to ``parts`` atomically; return its stat."""
-        with self.directory(parts[:-1], create=True) as fd:
+        with self.directory(self._parent(parts), create=True) as fd:
             try:
                 existing = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -90,7 +114,7 @@ class WorkDir:
     @contextlib.contextmanager
     def open_file(self, parts: tuple[str, ...]) -> Iterator[tuple[int, os.stat_result]]:
         """A regular file, opened read-only without following links."""
-        with self.directory(parts[:-1]) as dir_fd:
+        with self.directory(self._parent(parts)) as dir_fd:
             try:
                 # O_NONBLOCK: a FIFO planted by the sandbox must not hang the host's open.
                 fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -110,44 +134,95 @@ class WorkDir:
 
     def unlink(self, parts: tuple[str, ...]) -> None:
         """Remove a file (a link itself, never what it points to), if it is there."""
-        with self.directory(parts[:-1]) as fd, contextlib.suppress(FileNotFoundError):
+        with self.directory(self._parent(parts)) as fd, \
+                contextlib.suppress(FileNotFoundError):
             os.unlink(parts[-1], dir_fd=fd)
 
     def lstat(self, parts: tuple[str, ...]) -> os.stat_result | None:
+        """The entry itself (a link is not followed), or None if it is not reachable."""
+        parent = self._parent(parts)  # malformed parts are an error, not "absent"
         try:
-            with self.directory(parts[:-1]) as fd:
+            with self.directory(parent) as fd:
                 return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
         except (OSError, UnsafePath):
             return None
 
-    def scan(self, limit: int = 100_000) -> dict[str, tuple[int, int, int]]:
-        """Regular files (path → size, mtime_ns, inode), links not followed, at most ``limit``."""
+    def scan(self, limit: int = 100_000, max_depth: int = 64
+             ) -> dict[str, tuple[int, int, int]]:
+        """Regular files (path → size, mtime_ns, inode), walked by descriptors.
+
+        Each directory is opened relative to its parent's descriptor with
+        ``O_NOFOLLOW | O_DIRECTORY``, so a directory the sandbox swaps for a link
+        between our listing and our descent is refused (ELOOP, ENOTDIR), never
+        followed: no path outside the work directory is ever listed. Every entry
+        looked at (directories, links and other files too, not only the regular
+        files reported) counts toward ``limit``, and directories deeper than
+        ``max_depth`` are not entered: a tree of empty directories costs the host
+        no more than a tree of files would.
+        """
         found: dict[str, tuple[int, int, int]] = {}
-        stack = [""]
-        while stack and len(found) < limit:
-            rel = stack.pop()
-            try:
-                entries = list(os.scandir(self.root / rel if rel else self.root))
-            except OSError:
-                continue
-            for entry in entries:
-                path = f"{rel}/{entry.name}" if rel else entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(path)
-                    elif entry.is_file(follow_symlinks=False):
-                        st = entry.stat(follow_symlinks=False)
-                        found[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
-                except OSError:
-                    continue
+        budget = [limit]
+        try:
+            root = os.open(self.root, _DIR_FLAGS)
+        except OSError:
+            return found
+        try:
+            self._scan_dir(root, "", 0, max_depth, budget, found)
+        finally:
+            os.close(root)
         return found
 
+    def _scan_dir(self, fd: int, rel: str, depth: int, max_depth: int, budget: list[int],
+                  found: dict[str, tuple[int, int, int]]) -> None:
+        """One directory of :meth:`scan`: its files recorded, its subdirectories entered."""
+        subdirs: list[str] = []
+        try:
+            with os.scandir(fd) as entries:  # lists the descriptor, never a path
+                for entry in entries:
+                    if budget[0] <= 0:
+                        break
+                    budget[0] -= 1
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)  # fstatat(fd, name)
+                            path = f"{rel}/{entry.name}" if rel else entry.name
+                            found[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    except OSError:
+                        continue
+        except OSError:
+            return
+        if depth >= max_depth:
+            return
+        for name in subdirs:
+            if budget[0] <= 0:
+                return
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)  # swapped for a link: refused
+            except OSError:
+                continue
+            try:
+                self._scan_dir(sub, f"{rel}/{name}" if rel else name, depth + 1, max_depth,
+                               budget, found)
+            finally:
+                os.close(sub)
+
     def usage(self) -> int:
+        """Bytes in the work directory's regular files, as far as :meth:`scan` looks."""
         return sum(size for size, _, _ in self.scan().values())
+
+    @staticmethod
+    def _parent(parts: tuple[str, ...]) -> tuple[str, ...]:
+        """The directory part of a file's ``parts``, all of them checked."""
+        check_parts(parts)
+        if not parts:
+            raise UnsafePath("an empty path names no file in the work directory")
+        return parts[:-1]
 
     def _why(self, parts: tuple[str, ...], name: str, exc: OSError) -> str:
         shown = "/".join(parts)
-        if isinstance(exc, NotADirectoryError) or exc.errno == 40:  # ELOOP: a link
+        if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:  # a link
             return (f"{shown!r} runs through a symlink or non-directory ({name!r}) in the work "
                     "directory; links are never followed out of it")
         return f"{shown!r}: {exc.strerror}"
