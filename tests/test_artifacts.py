@@ -41,7 +41,7 @@ def test_changes_and_unchanged_files(manager):
     s.run("open('other.txt', 'w').write('x')")
     s.run("open('log.txt', 'w').write('two')")
     logs = s.artifacts(path="log.txt")
-    assert [a.read() for a in logs] == [b"one", b"two"]
+    assert [a.read() for a in logs] == [b"two"]  # the latest version (keep_versions=1)
     assert [a.path for a in s.artifacts()].count("other.txt") == 1  # unchanged: once
 
 

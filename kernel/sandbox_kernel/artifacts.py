@@ -6,6 +6,13 @@ into the content-addressed store and are recorded: session, execution, path,
 MIME type, size, hash, time, tags. Unchanged content costs no new storage.
 Recording happens on a worker thread, in order, so a run returns as soon as
 its kernel has answered; queries wait for what is still being recorded.
+
+The store is shared by every session, so what a session keeps there is
+bounded: a file rewritten in every cell keeps only its latest versions
+(``keep_versions``), a session's artifacts count against its ``disk`` limit
+(an artifact that would take them over it is not stored, and the next run's
+result says so), and a closed session's artifacts are released, except those
+tagged ``keep_tag``, for ``sandbox-kernel gc`` to free.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from traitlets import Bool, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .errors import InvalidArgument, SandboxError
+from .limits import format_size
 from .workdir import WorkDir
 
 TAG_PATTERN = re.compile(r"[\w.:/=+@-]{1,64}")  # fullmatch: "$" would let "tag\n" in
@@ -47,8 +55,17 @@ class ArtifactPolicy(LoggingConfigurable):
                           "not recorded (and a warning is logged).").tag(config=True)
     max_size = Int(4 * 1024**3, help="Files larger than this (bytes) are not recorded.").tag(
         config=True)
-    max_scan_files = Int(100_000, help="Files of the work directory compared per run.").tag(
-        config=True)
+    max_scan_files = Int(100_000, help="Entries of the work directory (files and "
+                         "directories alike) looked at per run.").tag(config=True)
+    max_scan_depth = Int(64, help="Directories deeper than this in the work directory are "
+                         "not looked into.").tag(config=True)
+    keep_versions = Int(1, help="Versions of a file kept per session and path: recording a "
+                        "newer one releases the older ones past this number, unless they are "
+                        "tagged. 0 keeps every version (each one stored and counted against "
+                        "the disk limit).").tag(config=True)
+    keep_tag = Unicode("keep", help="Artifacts with this tag outlive their session: closing "
+                       "it releases the others, whose content `sandbox-kernel gc` then frees."
+                       ).tag(config=True)
     ignore = List(Unicode(), default_value=[".ipynb_checkpoints/*", "*/.ipynb_checkpoints/*",
                                             "__pycache__/*", "*/__pycache__/*", "*.pyc"],
                   help="Work-directory paths (glob) that are never artifacts.").tag(config=True)
@@ -96,8 +113,10 @@ class Artifact:
         return self
 
     def delete(self) -> None:
-        self._registry.delete_artifact(self.id)
-        self._store.release(self.hash)
+        # Released once, by whoever removed the record: a second delete, or one after the
+        # session's close released it, must not take a reference another record holds.
+        if self._registry.delete_artifact(self.id):
+            self._store.release(self.hash)
 
 
 class ArtifactRecorder:
@@ -110,16 +129,29 @@ class ArtifactRecorder:
         self.store = store
         self.registry = registry
         self.policy = policy
-        self._seen = self.workdir.scan(policy.max_scan_files) if policy.record_files else {}
+        self._seen = self._scan() if policy.record_files else {}
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sandbox-kernel-artifacts")
         self._pending: list[concurrent.futures.Future[None]] = []
+        self._warnings: list[str] = []
 
-    def after_run(self, execution_id: int | None, outputs: list[dict[str, Any]]) -> None:
+    def after_run(self, execution_id: int | None, outputs: list[dict[str, Any]]) -> list[str]:
+        """Record the run's artifacts on the worker; return what earlier runs could not store.
+
+        Recording is asynchronous (a run returns when its kernel answers), so an
+        artifact refused for the disk quota is logged at once and its warning is
+        returned here, for the next run's result to carry.
+        """
         self._pending = [f for f in self._pending if not f.done()]
         # Stamped with the run's end, not with when the worker gets to it.
         self._pending.append(self._worker.submit(self._record, execution_id, outputs,
                                                  time.time()))
+        return self.take_warnings()
+
+    def take_warnings(self) -> list[str]:
+        """Warnings about artifacts not stored since the last call (each said once)."""
+        taken, self._warnings = self._warnings, []
+        return taken
 
     def forget(self, path: str, st: os.stat_result) -> None:
         """A file the host placed (an upload) is not something the code produced."""
@@ -137,23 +169,62 @@ class ArtifactRecorder:
 
     def _record(self, execution_id: int | None, outputs: list[dict[str, Any]],
                 when: float) -> None:
+        refused: list[tuple[str, int]] = []
         try:
+            quota = self._quota()
             if self.policy.record_files:
-                now = self.workdir.scan(self.policy.max_scan_files)
+                now = self._scan()
                 changed = [p for p, sig in now.items()
                            if self._seen.get(p) != sig and not self._ignored(p)]
                 self._seen = now
                 for path in sorted(changed):
-                    self._record_file(execution_id, path, when)
+                    self._record_file(execution_id, path, when, quota, refused)
             if self.policy.record_outputs:
                 for out in outputs:
                     for mime, value in out.get("data", {}).items():
                         if mime not in _SKIPPED_MIME:
-                            self._record_output(execution_id, mime, value, when)
+                            self._record_output(execution_id, mime, value, when, quota,
+                                                refused)
         except Exception:  # recording must never break the session
             import traceback
 
             traceback.print_exc()
+        if refused:
+            self._refused(refused, quota)
+
+    def _scan(self) -> dict[str, tuple[int, int, int]]:
+        return self.workdir.scan(self.policy.max_scan_files, self.policy.max_scan_depth)
+
+    def _quota(self) -> int | None:
+        """The session's disk limit, which its stored artifacts count against."""
+        row = self.registry.session(self.session_id)
+        return (row or {}).get("limits", {}).get("disk") or None
+
+    def _fits(self, size: int, path: str | None, quota: int | None) -> bool:
+        """Whether storing ``size`` more bytes keeps the session's artifacts within ``quota``,
+        counting the versions of ``path`` that recording this one will release."""
+        if quota is None:
+            return True
+        held = self.registry.artifact_bytes(self.session_id)
+        keep = self.policy.keep_versions
+        if path is not None and keep > 0:
+            versions = [a for a in self.registry.artifacts(self.session_id, path=path)
+                        if a["kind"] == "file"]
+            older = versions[:-(keep - 1)] if keep > 1 else versions
+            held -= sum(a["size"] for a in older if not a["tags"])
+        return held + size <= quota
+
+    def _refused(self, refused: list[tuple[str, int]], quota: int | None) -> None:
+        names = ", ".join(name for name, _ in refused[:5]) + (", ..." if len(refused) > 5
+                                                              else "")
+        warning = (f"{len(refused)} artifact(s) of a run were not stored ({names}; "
+                   f"{format_size(sum(size for _, size in refused))}): the session's "
+                   f"artifacts would go over its disk limit of {format_size(quota or 0)}. "
+                   "The files stay in the work directory; delete artifacts you do not "
+                   "need (Artifact.delete()) or create the session with a larger "
+                   "limits={'disk': ...}")
+        self.policy.log.warning("session %s: %s", self.session_id, warning)
+        self._warnings.append(warning)
 
     def _ignored(self, path: str) -> bool:
         return any(fnmatch.fnmatch(path, pattern) for pattern in self.policy.ignore)
@@ -161,20 +232,27 @@ class ArtifactRecorder:
     def _room(self) -> bool:
         return self.registry.count_artifacts(self.session_id) < self.policy.max_per_session
 
-    def _record_file(self, execution_id: int | None, path: str, when: float) -> None:
+    def _record_file(self, execution_id: int | None, path: str, when: float,
+                     quota: int | None, refused: list[tuple[str, int]]) -> None:
         parts = tuple(path.split("/"))
         try:
             with self.workdir.open_file(parts) as (fd, st):
                 if st.st_size > self.policy.max_size or not self._room():
                     return
+                if not self._fits(st.st_size, path, quota):  # checked before storing a byte
+                    refused.append((path, st.st_size))
+                    return
                 record = self.store.ingest(f"/proc/self/fd/{fd}")
+            if record.size > st.st_size and not self._fits(record.size, path, quota):
+                refused.append((path, record.size))  # grew while read: unreferenced, gc'd
+                return
         except (OSError, SandboxError):
             return  # gone, or a link: never followed, never recorded
         mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
         self._add(execution_id, "file", path, mime, record.size, record.hash, when)
 
     def _record_output(self, execution_id: int | None, mime: str, value: Any,
-                       when: float) -> None:
+                       when: float, quota: int | None, refused: list[tuple[str, int]]) -> None:
         if not self._room():
             return
         if isinstance(value, str):
@@ -182,6 +260,9 @@ class ArtifactRecorder:
             data = base64.b64decode(value) if binary else value.encode()
         else:
             data = json.dumps(value).encode()
+        if not self._fits(len(data), None, quota):
+            refused.append((mime, len(data)))
+            return
         with tempfile.NamedTemporaryFile(dir=self.store.root, prefix=".output-") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -190,9 +271,19 @@ class ArtifactRecorder:
 
     def _add(self, execution_id: int | None, kind: str, path: str | None, mime: str,
              size: int, digest: str, when: float) -> None:
+        """Reference first, record second: the store never has a record without its
+        reference. A session closed meanwhile takes no new record (its artifacts were
+        released at close), so the reference goes back; older versions of the path past
+        ``keep_versions`` are released once the new one is recorded."""
         self.store.add_ref(digest)
-        self.registry.add_artifact(self.session_id, execution_id, kind, path, mime, size, digest,
-                                   when)
+        if self.registry.add_artifact(self.session_id, execution_id, kind, path, mime, size,
+                                      digest, when) is None:
+            self.store.release(digest)
+            return
+        if kind == "file" and path is not None and self.policy.keep_versions > 0:
+            for old in self.registry.prune_artifact_versions(self.session_id, path,
+                                                             self.policy.keep_versions):
+                self.store.release(old)
 
 
 def check_tag(tag: str) -> str:

@@ -94,6 +94,9 @@ class SessionManager(LoggingConfigurable):
     ).tag(config=True)
     close_timeout = Float(10.0, help="Seconds to wait for a sandbox to stop on close.").tag(
         config=True)
+    store_gc_grace = Float(3600.0, help="gc keeps store content stored less than this many "
+                           "seconds ago even when nothing references it: an upload, artifact "
+                           "or checkpoint may be about to.").tag(config=True)
     default_timeout = Float(600.0, help="The lease of a new session, in seconds.").tag(
         config=True)
     default_on_timeout = Enum(["pause", "close"], default_value="pause",
@@ -298,7 +301,7 @@ class SessionManager(LoggingConfigurable):
         does not know (a session's row is written before its directory, so such a directory
         is one whose row a crash took with it)."""
         removed = self.installer.gc(self.registry.layers_in_use())
-        self.store.gc()
+        self.store.gc(grace=self.store_gc_grace)
         if SHM_ROOT.is_dir():
             for entry in SHM_ROOT.iterdir():
                 row = self.registry.session(entry.name.removesuffix(".staging"))
@@ -669,9 +672,10 @@ class SessionManager(LoggingConfigurable):
             raise SessionNotFound(key)
         if row["status"] == "closed":
             raise SessionClosed(key)
-        self.registry.transition(row["id"], "closed",
-                                 allowed_from=("starting", "running", "frozen", "paused", "dead"),
-                                 reason="closed by request")
+        if not self.registry.transition(
+                row["id"], "closed", allowed_from=("starting", "running", "frozen", "paused",
+                                                   "dead"), reason="closed by request"):
+            raise SessionClosed(key)  # by another process meanwhile: it releases the content
         session = self._sessions.pop(row["id"], None)
         if session is not None:
             session._detach()
@@ -691,6 +695,11 @@ class SessionManager(LoggingConfigurable):
                     self.store.release(digest)
             for f in (manifest.get("files") or {}).values():
                 self.store.release(f["hash"])
+        # Artifacts (but those tagged to outlive the session) and uploads, likewise.
+        for digest in self.registry.release_artifacts(row["id"], self.artifact_policy.keep_tag):
+            self.store.release(digest)
+        for digest in self.registry.forget_session_files(row["id"]):
+            self.store.release(digest)
 
     # -- the blocking face ----------------------------------------------------
 

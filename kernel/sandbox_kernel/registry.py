@@ -376,10 +376,23 @@ class Registry:
     # -- files the host placed in a session's work directory -------------------
 
     def set_session_file(self, session_id: str, path: str, digest: str, size: int,
-                         mtime_ns: int) -> None:
+                         mtime_ns: int) -> str | None:
+        """Record a placed file; the hash it replaces at that path, for the store to release
+        (read and replaced in one transaction, so two uploads never release it twice)."""
         with self.transaction() as db:
+            old = db.execute("SELECT hash FROM session_files WHERE session_id=? AND path=?",
+                             (session_id, path)).fetchone()
             db.execute("INSERT OR REPLACE INTO session_files VALUES (?, ?, ?, ?, ?)",
                        (session_id, path, digest, size, mtime_ns))
+        return old[0] if old else None
+
+    def forget_session_files(self, session_id: str) -> list[str]:
+        """Drop a session's placed files; their hashes, one per reference they held."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT hash FROM session_files WHERE session_id=?",
+                              (session_id,)).fetchall()
+            db.execute("DELETE FROM session_files WHERE session_id=?", (session_id,))
+        return [r[0] for r in rows]
 
     def session_files(self, session_id: str) -> dict[str, dict[str, Any]]:
         """Every file the host placed in a session: path -> hash, size."""
@@ -462,13 +475,16 @@ class Registry:
 
     def add_artifact(self, session_id: str, execution_id: int | None, kind: str,
                      path: str | None, mime: str, size: int, digest: str,
-                     created: float) -> int:
+                     created: float) -> int | None:
+        """The new artifact's id; None, and nothing recorded, once the session is closed
+        (its close released its artifacts: one recorded after it would never be)."""
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO artifacts (session_id, execution_id, kind, path, mime, size, hash, "
-                "created, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]')",
-                (session_id, execution_id, kind, path, mime, size, digest, created))
-            return int(cur.lastrowid or 0)
+                "created, tags) SELECT ?, ?, ?, ?, ?, ?, ?, ?, '[]' WHERE EXISTS "
+                "(SELECT 1 FROM sessions WHERE id=? AND status != 'closed')",
+                (session_id, execution_id, kind, path, mime, size, digest, created, session_id))
+            return int(cur.lastrowid or 0) if cur.rowcount == 1 else None
 
     def artifacts(self, session_id: str, tag: str | None = None, path: str | None = None,
                   since: float | None = None) -> list[dict[str, Any]]:
@@ -495,9 +511,38 @@ class Registry:
         with self.transaction() as db:
             db.execute("UPDATE artifacts SET tags=? WHERE id=?", (json.dumps(tags), artifact_id))
 
-    def delete_artifact(self, artifact_id: int) -> None:
+    def delete_artifact(self, artifact_id: int) -> bool:
+        """Whether there was such an artifact (its reference is then the caller's to release)."""
         with self.transaction() as db:
-            db.execute("DELETE FROM artifacts WHERE id=?", (artifact_id,))
+            return db.execute("DELETE FROM artifacts WHERE id=?", (artifact_id,)).rowcount == 1
+
+    def prune_artifact_versions(self, session_id: str, path: str, keep: int) -> list[str]:
+        """Drop the file artifacts of ``path`` older than its newest ``keep``, tagged ones
+        excepted; their hashes, one per reference they held."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, hash, tags FROM artifacts WHERE session_id=? AND kind='file' "
+                "AND path=? ORDER BY id DESC", (session_id, path)).fetchall()
+            old = [r for r in rows[keep:] if not json.loads(r["tags"])]
+            db.executemany("DELETE FROM artifacts WHERE id=?", [(r["id"],) for r in old])
+        return [r["hash"] for r in old]
+
+    def release_artifacts(self, session_id: str, keep_tag: str) -> list[str]:
+        """Drop a session's artifacts but those tagged ``keep_tag``; their hashes, one per
+        reference they held."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, hash FROM artifacts WHERE session_id=? AND NOT EXISTS "
+                "(SELECT 1 FROM json_each(artifacts.tags) WHERE value=?)",
+                (session_id, keep_tag)).fetchall()
+            db.executemany("DELETE FROM artifacts WHERE id=?", [(r[0],) for r in rows])
+        return [r[1] for r in rows]
+
+    def artifact_bytes(self, session_id: str) -> int:
+        """What a session's artifacts hold in the store (by their sizes), for its disk limit."""
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM artifacts "
+                                    "WHERE session_id=?", (session_id,)).fetchone()[0]
 
     def count_artifacts(self, session_id: str) -> int:
         with self._lock:

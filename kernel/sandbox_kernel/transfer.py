@@ -204,11 +204,13 @@ class UploadCommit(_Batch):
             registry = self.session.manager.registry
             for _item, parts, staged, record in self._placements:
                 st = self.workdir.place(staged, parts)
-                registry.set_session_file(self.session.id, "/".join(parts), record.hash,
-                                          st.st_size, st.st_mtime_ns)
+                self.store.add_ref(record.hash)
+                replaced = registry.set_session_file(self.session.id, "/".join(parts),
+                                                     record.hash, st.st_size, st.st_mtime_ns)
+                if replaced is not None:  # the path's earlier upload: its reference goes
+                    self.store.release(replaced)
                 if self.session._recorder is not None:
                     self.session._recorder.forget("/".join(parts), st)
-                self.store.add_ref(record.hash)
                 self._count(bytes_moved=record.size)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
