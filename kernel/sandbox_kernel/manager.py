@@ -272,6 +272,7 @@ class SessionManager(LoggingConfigurable):
             "limits": row["limits"],
             "enforcement": enforcement,
             "user": _sandbox_user(row),
+            "seccomp": _launch_plan(sdir).get("seccomp", {"filter": "off"}),
             "execution_count": row["execution_count"],
             "work_dir": str(sdir / "work"),
             "pid": row["supervisor_pid"],
@@ -615,6 +616,7 @@ class SessionManager(LoggingConfigurable):
             "session_id": session_id, "registry": str(self.registry.path),
             "argv": plan.argv, "env": plan.env, "cwd": plan.cwd, "limits": limits,
             "run_as": plan.run_as, "stage": plan.stage,
+            "seccomp_file": plan.seccomp_file, "seccomp": plan.seccomp,
             "bwrap": plan.isolation == "bwrap",
             "address_space_limit": command.address_space_limit,
             "on_expiry": [sys.executable, "-m", "sandbox_kernel.lease", str(self.home),
@@ -780,6 +782,14 @@ class AsyncSessionManager(SessionManager):
 
     async def close(self, key: str) -> None:  # type: ignore[override]
         await self._async_close(key)
+
+
+def _launch_plan(session_dir: Path) -> dict[str, Any]:
+    """The supervisor's plan as the manager wrote it (host-only), or {} where there is none."""
+    try:
+        return json.loads((session_dir / supervisor.PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _sandbox_user(row: dict[str, Any]) -> dict[str, Any]:

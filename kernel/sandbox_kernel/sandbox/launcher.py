@@ -23,6 +23,7 @@ from traitlets.config import LoggingConfigurable
 from ..paths import SessionLayout
 from .identity import Identity
 from .mountns import make_stage, staged_path
+from .seccomp import SeccompUnavailable, describe, userns_can_be_disabled, write_filter
 
 #: Where the session's directories appear inside a bwrap sandbox.
 INSIDE_WORK = "/home/sandbox"
@@ -32,6 +33,9 @@ INSIDE_LAYERS = "/opt/sandbox-kernel/layers"
 INSIDE_SNAPSHOTS = "/run/snapshot"
 INSIDE_VIEWS = "/run/views"
 LAYERS_ENV = "SANDBOX_KERNEL_LAYERS"
+#: Stands in the plan's argv for the descriptor the supervisor opens the filter on.
+SECCOMP_FD = "{seccomp_fd}"
+SECCOMP_FILE = "seccomp.bpf"
 SANDBOX_UID = 1000
 
 
@@ -63,6 +67,10 @@ class LaunchPlan:
     run_as: tuple[int, int] | None = None
     #: Host paths the supervisor stages (see mountns) before it drops to ``run_as``.
     stage: list[str] = field(default_factory=list)
+    #: The compiled seccomp filter (host-only), read by bwrap from a descriptor.
+    seccomp_file: str | None = None
+    #: What confines the kernel's system calls, for ``info()["seccomp"]``.
+    seccomp: dict[str, object] = field(default_factory=lambda: {"filter": "off"})
 
 
 def base_env(home: str, tmp: str, path_dirs: Sequence[str]) -> dict[str, str]:
@@ -151,6 +159,9 @@ class BwrapLauncher(SandboxLauncher):
         False, help="Keep the host's network (off: the sandbox has only its own loopback)."
     ).tag(config=True)
     uid = Int(SANDBOX_UID, help="The user id inside the sandbox.").tag(config=True)
+    seccomp = Bool(True, help="Load the seccomp filter (sandbox.seccomp): no nested "
+                   "namespaces, io_uring, keyrings, bpf, perf events, userfaultfd, ptrace, "
+                   "mounts. Off only to diagnose a program it stops.").tag(config=True)
     hidden = List(
         Unicode(),
         help="Host paths hidden under an empty tmpfs when they fall inside a bound directory "
@@ -212,9 +223,9 @@ class BwrapLauncher(SandboxLauncher):
             "--bind", str(layout.kernel), INSIDE_KERNEL,
             "--bind", str(layout.work), INSIDE_WORK,
             "--remount-ro", "/",
-            "--chdir", INSIDE_WORK,
-            "--",
         ]
+        syscalls = self._syscall_args(layout)
+        args += [*syscalls[0], "--chdir", INSIDE_WORK, "--"]
         env = base_env(INSIDE_WORK, INSIDE_TMP, _bin_dirs(command))
         env.update(command.env)
         env.update(user_env)
@@ -233,7 +244,27 @@ class BwrapLauncher(SandboxLauncher):
             layers_inside=INSIDE_LAYERS,
             run_as=run_as,
             stage=stage,
+            seccomp_file=syscalls[1],
+            seccomp=syscalls[2],
         )
+
+    def _syscall_args(self, layout: SessionLayout) -> tuple[list[str], str | None, dict]:
+        """bwrap's options for the seccomp filter and nested user namespaces, the filter's
+        file, and what is in force. A host without libseccomp runs without the filter,
+        loudly, as a host without bubblewrap runs without namespaces."""
+        bwrap = shutil.which(self.bwrap) or self.bwrap
+        no_userns = userns_can_be_disabled(bwrap)
+        args = ["--disable-userns"] if no_userns else []
+        path = None
+        if self.seccomp:
+            path = str(layout.root / SECCOMP_FILE)
+            try:
+                write_filter(path)
+                args += ["--seccomp", SECCOMP_FD]
+            except SeccompUnavailable as exc:
+                self.log.warning("no seccomp filter for this sandbox: %s", exc)
+                path = None
+        return args, path, describe(filter_on=path is not None, userns_disabled=no_userns)
 
 
 #: Host trees every user can read by path: bound as they are, not staged.

@@ -114,8 +114,12 @@ class Supervisor:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(read_end, False)
         self.log_pipe = read_end
+        argv, keep = self.plan["argv"], ()
+        if self.plan.get("seccomp_file"):  # opened as root: bwrap reads it after the drop
+            keep = (os.open(self.plan["seccomp_file"], os.O_RDONLY | os.O_CLOEXEC),)
+            argv = [str(keep[0]) if a == "{seccomp_fd}" else a for a in argv]
         self.child = subprocess.Popen(
-            self.plan["argv"],
+            argv,
             env=self.plan["env"],
             cwd=self.plan["cwd"],
             stdin=subprocess.DEVNULL,
@@ -123,8 +127,11 @@ class Supervisor:
             stderr=write_end,
             start_new_session=True,
             preexec_fn=self._enter_limits,
+            pass_fds=keep,
         )
         os.close(write_end)
+        for fd in keep:
+            os.close(fd)
         write_json_atomic(
             self.session_dir / STATE_FILE,
             {
