@@ -223,3 +223,26 @@ def test_scan_does_not_follow_a_work_directory_that_is_a_link(tmp_path):
     assert WorkDir(tmp_path / "work").scan() == {}
     with contextlib.suppress(FileNotFoundError):
         (tmp_path / "work").unlink()
+
+
+@pytest.mark.timeout(20)
+def test_remove_tree_removes_links_themselves_and_never_blocks_on_a_fifo(outside):
+    """Snapshot directories are removed by descriptors: a link (to a host directory, to a
+    FIFO) planted where a directory was is removed itself, nothing behind it is touched,
+    and nothing blocks."""
+    work, tmp = outside
+    fifo = tmp / "fifo"
+    os.mkfifo(fifo)
+    (work.root / "snap-a").symlink_to(tmp / "hostdir")
+    (work.root / "snap-b").symlink_to(fifo)
+    tree = work.root / "snap-c" / "deep" / "er"
+    tree.mkdir(parents=True)
+    (tree / "f").write_text("x")
+    (tree / "out").symlink_to(tmp / "hostdir")
+    for name in ("snap-a", "snap-b", "snap-c", "snap-missing"):
+        work.remove_tree((name,))
+    assert not any(p.name.startswith("snap-") for p in work.root.iterdir())
+    assert (tmp / "hostdir" / "x").read_text() == "linked secret"
+    assert fifo.exists()
+    with pytest.raises(UnsafePath):
+        work.remove_tree(("..",))

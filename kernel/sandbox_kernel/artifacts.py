@@ -35,6 +35,7 @@ from traitlets.config import LoggingConfigurable
 
 from .errors import InvalidArgument, SandboxError
 from .limits import format_size
+from .shown import shown
 from .workdir import WorkDir
 
 TAG_PATTERN = re.compile(r"[\w.:/=+@-]{1,64}")  # fullmatch: "$" would let "tag\n" in
@@ -215,7 +216,7 @@ class ArtifactRecorder:
         return held + size <= quota
 
     def _refused(self, refused: list[tuple[str, int]], quota: int | None) -> None:
-        names = ", ".join(name for name, _ in refused[:5]) + (", ..." if len(refused) > 5
+        names = ", ".join(shown(name) for name, _ in refused[:5]) + (", ..." if len(refused) > 5
                                                               else "")
         warning = (f"{len(refused)} artifact(s) of a run were not stored ({names}; "
                    f"{format_size(sum(size for _, size in refused))}): the session's "

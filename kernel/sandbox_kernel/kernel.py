@@ -37,6 +37,7 @@ from .connection import unpack_message
 from .errors import SandboxError, SessionBusy, SessionClosed, SessionDead
 from .manager import AsyncSessionManager
 from .session import AsyncSession, PendingExecution
+from .shown import shown
 
 #: Requests answered by the sandbox's kernel, passed through as they came.
 FORWARDED = ("complete_request", "inspect_request", "is_complete_request",
@@ -137,12 +138,12 @@ class SandboxKernel(Kernel):
     async def _recover(self, dead: AsyncSession) -> AsyncSession | None:
         """The notebook's session died (a reboot, a crash): back from its last checkpoint,
         or None (a fresh session is made) when it has none."""
-        reason = dead.info()["reason"]
+        reason = shown(dead.info()["reason"])
         try:
             report = await dead.resume()
         except SandboxError as exc:
             self._notice = (f"session {dead.name!r} had died ({reason}) and cannot come back "
-                            f"({exc}); this notebook now runs in a fresh session.")
+                            f"({shown(exc)}); this notebook now runs in a fresh session.")
             return None
         self._notice = (f"session {dead.name!r} had died ({reason}); it was started again "
                         f"from checkpoint {report.checkpoint}:\n{report}")
@@ -352,7 +353,7 @@ class SandboxKernel(Kernel):
         return reply["content"]
 
     def _error_reply(self, exc: Exception, hint: str = "") -> dict[str, Any]:
-        evalue = f"{exc} {hint}".strip()
+        evalue = shown(f"{exc} {hint}".strip())  # errors may quote what the sandbox wrote
         content = {"ename": type(exc).__name__, "evalue": evalue,
                    "traceback": [f"{_ANSI_RED}{type(exc).__name__}{_ANSI_RESET}: {evalue}"]}
         self.send_response(self.iopub_socket, "error", content)

@@ -52,6 +52,7 @@ from .replay import plan_replay
 from .report_schema import capture_report, load_report
 from .sandbox import identity, supervisor
 from .sandbox.launcher import INSIDE_KERNEL, INSIDE_SNAPSHOTS, INSIDE_VIEWS
+from .shown import shown
 from .snapshot import REPORT, request_code
 from .store import FileRecord
 from .timing import Timing
@@ -132,7 +133,8 @@ class SnapshotDir:
         return f"{inside}/{link}"
 
     def remove(self) -> None:
-        shutil.rmtree(self.base.root / self.name, ignore_errors=True)
+        with contextlib.suppress(OSError, SandboxError):  # the sandbox may have removed it
+            self.base.remove_tree((self.name,))
         shutil.rmtree(self.staging, ignore_errors=True)
         if self.views is not None:  # mappings the kernel made stay; the names go
             for link in self.views[0].glob(f"{self.name}-*"):
@@ -167,10 +169,11 @@ class ResumeReport:
         lines = [f"restored {len(self.restored)} variables and {len(self.imports)} imports "
                  f"from checkpoint {self.checkpoint}"] if self.restored or self.imports else [
                  f"resumed from checkpoint {self.checkpoint}"]
+        # Names and reasons come from the sandbox: each is escaped on its own (see shown).
         for name, cells in self.replayed.items():
-            lines.append(f"rebuilt {name} by replaying cells {cells}")
+            lines.append(f"rebuilt {shown(name)} by replaying cells {cells}")
         for name, why in self.lost.items():
-            lines.append(f"could not restore {name}: {why}")
+            lines.append(f"could not restore {shown(name)}: {shown(why)}")
         return "\n".join(lines)
 
 
@@ -515,11 +518,12 @@ class LifecycleMixin:
         # killed mid-pause or mid-resume, and is garbage now.
         for where in (layout.kernel, layout.snapshots, layout.views):
             if where is not None and where.is_dir():
-                for stale in where.glob("snap-*"):
-                    if stale.is_dir() and not stale.is_symlink():
-                        shutil.rmtree(stale, ignore_errors=True)
-                    else:
-                        stale.unlink(missing_ok=True)
+                stale_dir = WorkDir(where)
+                with stale_dir.directory(()) as fd:
+                    names = [n for n in os.listdir(fd) if n.startswith("snap-")]
+                for stale in names:  # by descriptors: the sandbox writes these directories
+                    with contextlib.suppress(OSError, SandboxError):
+                        stale_dir.remove_tree((stale,))
         (base / name).mkdir(mode=0o700)
         identity.hand_over(base / name, identity.load(layout.root))
         views = None

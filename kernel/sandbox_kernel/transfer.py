@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgument, SandboxError, is_disk_full
 from .limits import format_size
+from .shown import shown
 from .store import ContentStore, FileRecord
 from .workdir import WorkDir, relative_parts
 
@@ -387,4 +388,4 @@ def _why(exc: Exception) -> str:
         return ("no space left on the device it was written to; nothing half-written was "
                 "kept: free space there (`sandbox-kernel gc` for the state directory) and "
                 "transfer it again")
-    return str(exc)
+    return shown(str(exc))  # it may quote a file name the sandbox chose

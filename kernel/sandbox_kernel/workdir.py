@@ -138,6 +138,13 @@ class WorkDir:
                 contextlib.suppress(FileNotFoundError):
             os.unlink(parts[-1], dir_fd=fd)
 
+    def remove_tree(self, parts: tuple[str, ...]) -> None:
+        """Remove what is at ``parts`` (a directory with all in it, a file, a link itself),
+        if it is there, through descriptors: shutil.rmtree checks a path and then opens it,
+        and a directory the sandbox swaps for a link to a FIFO meanwhile would block it."""
+        with self.directory(self._parent(parts)) as fd:
+            _remove_at(fd, parts[-1], depth=0)
+
     def lstat(self, parts: tuple[str, ...]) -> os.stat_result | None:
         """The entry itself (a link is not followed), or None if it is not reachable."""
         parent = self._parent(parts)  # malformed parts are an error, not "absent"
@@ -226,3 +233,29 @@ class WorkDir:
             return (f"{shown!r} runs through a symlink or non-directory ({name!r}) in the work "
                     "directory; links are never followed out of it")
         return f"{shown!r}: {exc.strerror}"
+
+
+#: How deep remove_tree descends; a deeper tree (which only a sandbox would make) is left.
+_MAX_REMOVE_DEPTH = 64
+
+
+def _remove_at(dir_fd: int, name: str, depth: int) -> None:
+    try:
+        fd = os.open(name, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)  # a file or a link: the entry itself goes
+        return
+    try:
+        if depth >= _MAX_REMOVE_DEPTH:
+            return
+        for entry in os.listdir(fd):
+            _remove_at(fd, entry, depth + 1)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=dir_fd)
