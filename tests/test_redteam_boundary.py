@@ -239,3 +239,20 @@ def test_the_kernel_runs_under_the_seccomp_filter_with_no_nested_namespaces(mana
     """))
     assert r.ok, r.error
     assert r.stdout.split() == ["2", "EPERM", "-1", "EPERM"], r.stdout
+
+
+def test_the_kernel_log_counts_against_the_disk_limit(manager):
+    """What the kernel writes to its log is the session's disk, like its files."""
+    from sandbox_kernel.transfer import QuotaExceeded
+
+    s = manager.create(name="log-quota", limits={"disk": "4MiB"})
+    r = s.run("import os\nfor i in range(700):\n    os.write(2, b'y' * 4095 + b'\\n')")
+    assert r.ok, r.error
+    session_dir = Path(s.info()["work_dir"]).parent
+    deadline = time.monotonic() + 10
+    while (session_dir / "kernel.log").stat().st_size < 2 << 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    upload = short_tmpdir("sku-") / "two.bin"
+    upload.write_bytes(os.urandom(2 << 20))
+    with pytest.raises(QuotaExceeded, match="kernel log"):
+        s.upload(str(upload))

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgument, SandboxError, is_disk_full
 from .limits import format_size
+from .sandbox.kernel_log import log_size
+from .sandbox.supervisor import KERNEL_LOG
 from .shown import shown
 from .store import ContentStore, FileRecord
 from .workdir import WorkDir, relative_parts
@@ -239,10 +241,12 @@ class UploadCommit(_Batch):
         incoming = sum(r.size for _, _, _, r in self._placements)
         replaced = sum(st.st_size for _, parts, _, _ in self._placements
                        if (st := self.workdir.lstat(parts)) is not None)
-        used = self.workdir.usage()
+        # The kernel's log (capped, see sandbox.kernel_log) is the session's too.
+        used = self.workdir.usage() + log_size(self.workdir.root.parent, KERNEL_LOG)
         if used - replaced + incoming > quota:
             raise QuotaExceeded(
-                f"the upload ({format_size(incoming)}) would take the work directory to "
+                f"the upload ({format_size(incoming)}) would take the session's files (work "
+                f"directory and kernel log) to "
                 f"{format_size(used - replaced + incoming)}, over the session's disk quota of "
                 f"{format_size(quota)}; nothing was placed. Remove files or create the session "
                 "with a larger limits={'disk': ...}"
