@@ -23,11 +23,13 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.session import Session
+from zmq.utils.monitor import parse_monitor_message
 
 Message = dict[str, Any]
 #: Signatures remembered to refuse a replayed message, as jupyter_client's Session does.
 _SEEN_SIGNATURES = 65536
 MessageHook = Callable[[str, Message], None]
+LostHook = Callable[[str], None]
 StdinHook = Callable[[str, bool], "str | Awaitable[str]"]
 
 
@@ -66,6 +68,26 @@ def unpack_message(
     }
 
 
+class _WatchedSocket(zmq.asyncio.Socket):
+    """A socket that reports its disconnections, watched from before it connects.
+
+    ZeroMQ answers a message over MAXMSGSIZE by dropping the connection and
+    does not reconnect: a reader would wait for ever. The monitor starts
+    before ``connect`` so that no drop can slip past it.
+    """
+
+    def connect(self, addr: str) -> Any:
+        if self.type != zmq.PAIR:  # (the monitor's own socket is a PAIR)
+            self.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        return super().connect(addr)
+
+
+class _LimitedContext(zmq.asyncio.Context):
+    """The shared context, shadowed: same I/O thread, its own default socket options."""
+
+    _socket_class = _WatchedSocket
+
+
 class _Request:
     __slots__ = ("msg_id", "done", "reply", "idle", "wait_idle", "on_message", "on_stdin",
                  "linger")
@@ -95,6 +117,10 @@ class _Request:
 
 
 class KernelConnection:
+    _on_lost: LostHook | None = None
+    _lost = False
+    _monitors: tuple[zmq.asyncio.Socket, ...] = ()
+
     def __init__(self, connection: str | dict[str, Any], on_unrouted: MessageHook | None = None,
                  linger: float = 0.0):
         """``connection``: a connection file, or the connection info itself (what the
@@ -115,7 +141,20 @@ class KernelConnection:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self.linger = linger
 
-    def open(self) -> None:
+    def open(self, max_message_size: int = -1, receive_hwm: int = 1000,
+             on_lost: LostHook | None = None) -> None:
+        """Connect the four channels.
+
+        ``max_message_size`` (ZeroMQ's MAXMSGSIZE, -1: none) and ``receive_hwm``
+        (RCVHWM, messages) bound what the kernel can make this process hold.
+        ``on_lost(channel)`` is called once, when ZeroMQ drops a channel's
+        connection: the kernel ended, or sent a message over the size limit.
+        """
+        context = _LimitedContext.shadow(self.client.context)
+        context.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        context.setsockopt(zmq.RCVHWM, receive_hwm)
+        self.client.context = context
+        self._on_lost = on_lost
         ident = self.session.bsession
         self._sockets = {
             "shell": self.client.connect_shell(identity=ident),
@@ -123,15 +162,22 @@ class KernelConnection:
             "stdin": self.client.connect_stdin(identity=ident),
             "iopub": self.client.connect_iopub(),
         }
-        for channel, sock in self._sockets.items():
+        self._monitors = tuple(s.get_monitor_socket() for s in self._sockets.values())
+        for (channel, sock), monitor in zip(self._sockets.items(), self._monitors, strict=True):
             self._tasks.append(asyncio.ensure_future(self._read(channel, sock)))
+            self._tasks.append(asyncio.ensure_future(self._watch(channel, monitor)))
 
     def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         self._tasks.clear()
         for sock in self._sockets.values():
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
             sock.close(linger=0)
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self._monitors = ()
         self._sockets.clear()
         self.fail(ConnectionLost("the connection was closed"))
 
@@ -191,6 +237,15 @@ class KernelConnection:
                 import traceback
 
                 traceback.print_exc()
+
+    async def _watch(self, channel: str, monitor: zmq.asyncio.Socket) -> None:
+        """Tell ``on_lost`` (once per connection) that ZeroMQ dropped a channel."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and not self._lost:
+                self._lost = True
+                if self._on_lost is not None:
+                    self._on_lost(channel)
 
     def _unpack(self, frames: list[bytes]) -> Message:
         msg = unpack_message(self.session, frames, self._seen)

@@ -69,6 +69,10 @@ class StartFailed(SandboxError):
     """The sandbox or its kernel could not be started."""
 
 
+class ConnectionDropped(SandboxError):
+    """ZeroMQ dropped the connection to a kernel that still runs (a message over the limit)."""
+
+
 class ExecutionTimeout(SandboxError, TimeoutError):
     """A run took longer than its timeout; the kernel was interrupted."""
 

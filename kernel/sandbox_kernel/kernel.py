@@ -34,7 +34,7 @@ from traitlets import Bool, Instance, Unicode
 from . import __version__
 from .commands import CommandError, run_command, split_cell
 from .connection import unpack_message
-from .errors import SandboxError, SessionBusy, SessionClosed, SessionDead
+from .errors import ConnectionDropped, SandboxError, SessionBusy, SessionClosed, SessionDead
 from .manager import AsyncSessionManager
 from .session import AsyncSession, PendingExecution
 from .shown import shown
@@ -346,6 +346,8 @@ class SandboxKernel(Kernel):
         except (SessionDead, SessionClosed) as exc:
             return self._error_reply(exc, hint="In this notebook, `%session new` starts a fresh "
                                      "session.")
+        except ConnectionDropped as exc:  # the output was shown; the next cell reconnects
+            return self._error_reply(exc)
         self._last_timing = result.timing
         count = reply["content"].get("execution_count")
         if isinstance(count, int):

@@ -49,6 +49,7 @@ from .errors import (
 )
 from .kernelspecs import DENO_LANGUAGES, deno_executable, kernel_command
 from .limits import DEFAULT_LIMITS, validate_limits
+from .output_limits import OutputLimits
 from .packages import PackageInstaller, parse_requirements
 from .paths import MAX_SOCKET_PATH, SHM_ROOT, SessionLayout, default_home
 from .registry import LIVE_STATUSES, Registry, lease_clock, lease_left
@@ -128,6 +129,11 @@ class SessionManager(LoggingConfigurable):
     bwrap_launcher = Instance(BwrapLauncher)
     installer = Instance(PackageInstaller)
     artifact_policy = Instance(ArtifactPolicy)
+    output_limits = Instance(OutputLimits)
+
+    @default("output_limits")
+    def _output_limits_default(self) -> OutputLimits:
+        return OutputLimits(parent=self)
 
     @default("artifact_policy")
     def _artifact_policy_default(self) -> ArtifactPolicy:

@@ -25,6 +25,7 @@ from .artifacts import Artifact, ArtifactRecorder
 from .connection import ConnectionLost, KernelConnection, MessageHook
 from .endpoints import connection_info, link_sockets, sockets_bound
 from .errors import (
+    ConnectionDropped,
     ExecutionTimeout,
     InvalidArgument,
     SandboxError,
@@ -36,6 +37,8 @@ from .errors import (
 )
 from .kernelspecs import DENO_LANGUAGES
 from .lifecycle import SUSPENDED_MARK, Checkpoint, LifecycleMixin, ResumeReport
+from .limits import format_size
+from .output_limits import KeptOutputs
 from .packages import InstallResult
 from .paths import SessionLayout
 from .registry import lease_left
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
 
 OutputHook = Callable[[dict[str, Any]], None]
 StdinHook = Callable[[str, bool], "str | Awaitable[str]"]
+#: Seconds a dropped connection waits for the supervisor to say the kernel ended.
+_LOST_GRACE = 3.0
 
 #: Runs in the sandbox's kernel to load new package layers; PATHS and PINS are filled in.
 _ACTIVATE = """
@@ -479,7 +484,9 @@ class AsyncSession(LifecycleMixin):
         linger = 0.05 if row["language"] in DENO_LANGUAGES else 0.0
         conn = KernelConnection(connection_info(layout), on_unrouted=self._unrouted,
                                 linger=linger)
-        conn.open()
+        limits = self.manager.output_limits
+        conn.open(limits.max_message_size, limits.receive_hwm,
+                  on_lost=lambda channel: self._lost(conn, channel))
         self._opening = conn
         try:
             while True:
@@ -500,6 +507,35 @@ class AsyncSession(LifecycleMixin):
         if row["status"] == "starting":
             self.manager.registry.transition(self.id, "running", allowed_from=("starting",))
         return conn
+
+    def _lost(self, conn: KernelConnection, channel: str) -> None:
+        """ZeroMQ dropped one of ``conn``'s channels; find out why, off the reader."""
+        task = asyncio.get_running_loop().create_task(self._judge_lost(conn, channel))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _judge_lost(self, conn: KernelConnection, channel: str) -> None:
+        """A kernel that ended is reported by the supervisor's watch (``_on_gone``) a moment
+        later; if it is not, the kernel lives and sent a message over ``max_message_size``,
+        after which ZeroMQ never reconnects: waiting requests would hang. They fail instead,
+        and the next run attaches afresh."""
+        deadline = time.monotonic() + _LOST_GRACE
+        while self._gone is None and time.monotonic() < deadline and \
+                conn in (self._conn, self._opening):
+            await asyncio.sleep(0.02)
+        if self._gone is not None or conn not in (self._conn, self._opening):
+            return  # the kernel ended (its reason is given), or we let go of the connection
+        limit = self.manager.output_limits.max_message_size
+        dropped = ConnectionDropped(
+            f"session {self.name!r}: its kernel sent a message larger than "
+            f"OutputLimits.max_message_size ({format_size(limit)}) on its {channel} channel, "
+            "and the connection was dropped: the waiting run's result is lost. The session "
+            "still runs with its state and the next run reconnects; the cell may still be "
+            "running (interrupt() stops it). Print less at once, or raise the limit")
+        if self._conn is conn:
+            self._conn = None
+        conn.fail(dropped)
+        conn.close()
 
     def _unrouted(self, channel: str, msg: dict[str, Any]) -> None:
         if self.on_unrouted is not None:
@@ -611,7 +647,9 @@ class PendingExecution:
         self.timing = timing
         self.on_output = on_output
         self.on_message = on_message
-        self.outputs: list[dict[str, Any]] = []
+        limits = session.manager.output_limits
+        #: What the result keeps; on_output and on_message still see every output.
+        self.kept = KeptOutputs(limits.max_output_bytes, limits.max_output_messages)
         self.started = time.time()
         self.sent = time.perf_counter()
         self.future: asyncio.Future[dict[str, Any]] | None = None
@@ -624,7 +662,7 @@ class PendingExecution:
         if channel == "iopub":
             out = output_from_message(msg)
             if out is not None:
-                self.outputs.append(out)
+                self.kept.add(out)
                 if self.on_output is not None:
                     self.on_output(out)
 
@@ -646,6 +684,9 @@ class PendingExecution:
         except SessionDead:
             session._record(code, "dead", ExecutionResult("dead", None), self.started)
             raise
+        except ConnectionDropped:  # it ran, as far as anyone knows: the history says so
+            session._record(code, "error", ExecutionResult("error", None), self.started)
+            raise
         result = self._result(reply)
         if not self.record:
             return reply, result
@@ -658,7 +699,10 @@ class PendingExecution:
 
     def _result(self, reply: dict[str, Any]) -> ExecutionResult:
         self.timing["execute"] = self.timing.get("execute", 0.0) + time.perf_counter() - self.sent
-        return self.session._result(reply, self.outputs, self.timing.finish())
+        result = self.session._result(reply, self.kept.result(), self.timing.finish())
+        if self.kept.dropped_messages:
+            result.warnings.append(self.kept.summary())
+        return result
 
 
 def _delegate(name: str) -> Any:
