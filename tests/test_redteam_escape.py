@@ -292,3 +292,19 @@ def test_shown_keeps_newlines_only_when_asked_and_truncates_visibly():
     assert len(cut) <= 11 and "\\x1b" * 3 not in cut  # never half an escape
     assert shown("short", limit=10) == "short"
     assert shown("abcdefghijkl", limit=10) == "abcdefghij…"
+
+
+def test_a_cells_own_output_keeps_colours_and_progress_but_no_other_terminal_control(manager):
+    """`sandbox-kernel run` relays the cell's output as a plain kernel would (colours,
+    carriage returns for progress bars), but a title, clipboard (OSC 52), cursor or
+    device-control sequence is shown escaped, never sent to the terminal."""
+
+    manager.create(name="streamer")
+    code = ("print('\\x1b[31mred\\x1b[0m 50%\\r100%'); "
+            "print('\\x1b]52;c;cHduZWQ=\\x07\\x1b]0;pwned\\x07\\x1b[2J\\x1bP+q\\x1b\\\\')")
+    env = {**os.environ, "SANDBOX_KERNEL_HOME": str(manager.home)}
+    out = subprocess.run([sys.executable, "-m", "sandbox_kernel.cli", "run", "streamer", code],
+                         env=env, capture_output=True, timeout=120).stdout.decode()
+    assert "\x1b[31mred\x1b[0m 50%\r100%" in out
+    assert "\x1b]" not in out and "\x1b[2J" not in out and "\x1bP" not in out
+    assert "\\x1b]52;c;cHduZWQ=\\x07" in out and "\\x1b[2J" in out

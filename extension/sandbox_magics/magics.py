@@ -40,7 +40,7 @@ from sandbox_kernel.commands import (
 from sandbox_kernel.errors import SandboxError
 from sandbox_kernel.manager import SessionManager
 from sandbox_kernel.session import AsyncSession
-from sandbox_kernel.shown import shown
+from sandbox_kernel.shown import shown, shown_stream
 
 
 @magic_arguments("%session")
@@ -270,7 +270,7 @@ def _show_output(out: dict[str, Any]) -> None:
     kind = out["output_type"]
     if kind == "stream":
         stream = sys.stdout if out["name"] == "stdout" else sys.stderr
-        stream.write(out["text"])
+        stream.write(shown_stream(out["text"]))  # colours and \r kept, other escapes not
         stream.flush()
     elif kind in ("display_data", "execute_result", "update_display_data"):
         transient = {"display_id": out["display_id"]} if out.get("display_id") else None
@@ -279,7 +279,8 @@ def _show_output(out: dict[str, Any]) -> None:
     elif kind == "clear_output":
         clear_output(wait=out.get("wait", False))
     elif kind == "error":
-        print("\n".join(out.get("traceback") or [f"{out['ename']}: {out['evalue']}"]),
+        print(shown_stream("\n".join(out.get("traceback")
+                                     or [f"{out['ename']}: {out['evalue']}"])),
               file=sys.stderr)
 
 

@@ -27,7 +27,7 @@ from .errors import SandboxError
 from .manager import SessionManager
 from .packages import PackageInstaller
 from .sandbox.launcher import BwrapLauncher
-from .shown import shown
+from .shown import shown, shown_stream
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -175,12 +175,13 @@ class RunCommand(_Command):
             kind = out["output_type"]
             if kind == "stream":
                 stream = sys.stdout if out["name"] == "stdout" else sys.stderr
-                stream.write(out["text"])
+                stream.write(shown_stream(out["text"]))
                 stream.flush()
             elif kind in ("execute_result", "display_data") and "text/plain" in out["data"]:
-                print(out["data"]["text/plain"], flush=True)
+                print(shown_stream(out["data"]["text/plain"]), flush=True)
             elif kind == "error":
                 text = "\n".join(out["traceback"]) or f"{out['ename']}: {out['evalue']}"
+                text = shown_stream(text)
                 print(text if color else _ANSI.sub("", text), file=sys.stderr, flush=True)
 
         result = session.run(code, timeout=self.timeout, on_output=show)

@@ -20,6 +20,7 @@ imports it to clean a dead kernel's log line at the source.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 #: Appended when ``limit`` cut the text, so a cut is never mistaken for the whole.
@@ -30,6 +31,21 @@ MORE = "…"
 _KEPT_FORMAT = frozenset("\u200c\u200d")
 #: Control characters ``repr`` writes with a letter.
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+#: SGR (colour and style) sequences: all a cell's own output needs of a terminal's escapes.
+_SGR = re.compile(r"(\x1b\[[0-9;]{0,32}m)")
+
+
+def shown_stream(text: str) -> str:
+    """A cell's own output for a terminal (``sandbox-kernel run``, ``%%session`` in a
+    terminal IPython): as a plain kernel's, with newlines, tabs, carriage returns (progress
+    bars) and colours kept, and every other control escaped: no cursor moves, no title,
+    clipboard (OSC 52) or device-control sequence reaches the terminal."""
+    parts = _SGR.split(text)
+    return "".join(part if i % 2 else
+                   "".join(c if c == "\r" or _harmless(c, True) else _escape(c) for c in part)
+                   for i, part in enumerate(parts))
 
 
 def shown(text: object, limit: int | None = None, *, lines: bool = False) -> str:
