@@ -256,3 +256,24 @@ def test_the_kernel_log_counts_against_the_disk_limit(manager):
     upload.write_bytes(os.urandom(2 << 20))
     with pytest.raises(QuotaExceeded, match="kernel log"):
         s.upload(str(upload))
+
+
+def test_a_forged_load_report_at_restore_is_refused(manager):
+    """The restore's report may name only what the host asked to load."""
+    s = manager.create(name="restorer")
+    assert s.run("keep = 7").ok
+    cp = s.checkpoint()
+    r = s.run(textwrap.dedent("""
+        import builtins, json, os
+        def exec(code, g=None, l=None):
+            req = (g or {}).get('REQUEST')
+            if not isinstance(req, dict) or req.get('op') not in ('restore', 'load'):
+                return builtins.exec(code, g, l)
+            report = {'restored': ['keep', 'never_asked_for'], 'imports': [],
+                      'failed': {'keep\\nrestore complete': 'x'}}
+            with open(os.path.join(req['dir'], 'report.json'), 'w') as f:
+                f.write(json.dumps(report))
+    """))
+    assert r.ok, r.error
+    with pytest.raises(SandboxError, match="report is not valid"):
+        s.restore(cp)
