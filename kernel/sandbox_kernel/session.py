@@ -420,8 +420,8 @@ class AsyncSession(LifecycleMixin):
             result.warnings.append(warning)
             self.manager.log.warning("session %s: %s", self.name, warning)
             return
-        if self._recorder is not None:
-            self._recorder.after_run(execution_id, result.outputs)
+        if self._recorder is not None:  # artifacts an earlier run could not store, if any
+            result.warnings += self._recorder.after_run(execution_id, result.outputs)
         if self.manager.auto_checkpoint and status == "ok":
             task = asyncio.get_running_loop().create_task(self._auto_checkpoint())
             self._background.add(task)
