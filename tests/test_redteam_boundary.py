@@ -277,3 +277,18 @@ def test_a_forged_load_report_at_restore_is_refused(manager):
     assert r.ok, r.error
     with pytest.raises(SandboxError, match="report is not valid"):
         s.restore(cp)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uid claims are made by a root manager only")
+def test_gc_frees_the_uid_claims_of_deleted_state_directories(manager):
+    from sandbox_kernel.sandbox import identity
+
+    s = manager.create(name="claimer")
+    uid = s.info()["user"]["uid"]
+    live = identity.CLAIMS / str(uid)
+    stale = identity.CLAIMS / str(identity.UID_BASE + identity.UID_COUNT - 1)
+    stale.write_text(json.dumps({"session_dir": "/nonexistent/sessions/x", "session": "x"}))
+    manager.gc()
+    assert live.exists() and not stale.exists()
+    manager.close("claimer")
+    assert not live.exists(), "a closed session keeps its uid"

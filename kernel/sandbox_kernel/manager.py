@@ -308,6 +308,7 @@ class SessionManager(LoggingConfigurable):
         does not know (a session's row is written before its directory, so such a directory
         is one whose row a crash took with it)."""
         removed = self.installer.gc(self.registry.layers_in_use())
+        identity.gc_claims()
         self.store.gc(grace=self.store_gc_grace)
         if SHM_ROOT.is_dir():
             for entry in SHM_ROOT.iterdir():

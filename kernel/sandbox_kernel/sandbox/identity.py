@@ -139,6 +139,19 @@ def release(session_dir: Path) -> None:
             path.unlink()
 
 
+def gc_claims() -> int:
+    """Remove claims whose session directory is gone (a state directory deleted without
+    closing its sessions); how many. Their uids are free again either way (see claim)."""
+    removed = 0
+    if os.geteuid() != 0 or not CLAIMS.is_dir():
+        return removed
+    for path in CLAIMS.iterdir():
+        if _claim_is_stale(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def hand_over(path: Path, ident: Identity | None) -> None:
     """Make a directory the host created for the sandbox belong to the sandbox's user."""
     if ident is not None and ident.separate:
