@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.sandbox import seccomp
+from sandbox_kernel.sandbox.launcher import top_level_binds
 
 from .conftest import needs_bwrap
 
@@ -56,13 +57,8 @@ def bwrap_argv(filter_fd: int | None, disable_userns: bool = False) -> list[str]
         "--unshare-cgroup-try", "--unshare-net",
         "--uid", "1000", "--gid", "1000",
         "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-        "--ro-bind", "/usr", "/usr",
+        "--ro-bind", "/usr", "/usr", *top_level_binds(),
     ]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):
-            args += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            args += ["--ro-bind", top, top]
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--tmpfs", "/tmp"]
     for prefix in sorted({sys.base_prefix, sys.prefix}):
         if not prefix.startswith("/usr/"):

@@ -190,11 +190,7 @@ class BwrapLauncher(SandboxLauncher):
             "--hostname", "sandbox",
             "--ro-bind", "/usr", "/usr",
         ]
-        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-            if os.path.islink(top):
-                args += ["--symlink", os.readlink(top), top]
-            elif os.path.isdir(top):
-                args += ["--ro-bind", top, top]
+        args += top_level_binds()
         for path in self.etc_files:
             args += ["--ro-bind-try", path, path]
         for name in ("passwd", "group", "hosts", "hostname"):
@@ -296,6 +292,18 @@ def _staged(args: list[str]) -> tuple[list[str], list[str]]:
     if stage:
         make_stage()
     return out, stage
+
+
+def top_level_binds() -> list[str]:
+    """bwrap's arguments for the top-level system directories beside /usr: the same links
+    where the host has links (a merged /usr), read-only binds where it has directories."""
+    args: list[str] = []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    return args
 
 
 def _offer_views(layout: SessionLayout) -> Path:
