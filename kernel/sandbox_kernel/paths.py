@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,19 @@ def default_home() -> Path:
 
 
 #: Where sessions' snapshot directories live in memory (one per session, bound into it).
-SHM_ROOT = Path("/dev/shm/sandbox-kernel")
+#: One per host user (root keeps the name it always had): /dev/shm is shared by every
+#: user, and a directory another user made first must not hold our sessions' snapshots.
+SHM_ROOT = Path("/dev/shm") / ("sandbox-kernel" if os.geteuid() == 0
+                               else f"sandbox-kernel-{os.geteuid()}")
+
+
+def _own_directory(path: Path) -> bool:
+    """True if ``path`` is a directory of ours (not a link) that no one else can write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,8 @@ class SessionLayout:
             shm.mkdir(mode=0o700, exist_ok=True)
         except OSError:
             return None
+        if not _own_directory(SHM_ROOT):  # (then only we make and hand over what is in it)
+            return None  # made by another user first: snapshots go through the disk
         return shm
 
     @property
