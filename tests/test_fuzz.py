@@ -29,6 +29,7 @@ from sandbox_kernel.commands import (
     run_command,
 )
 from sandbox_kernel.errors import InvalidArgument, SandboxError
+from sandbox_kernel.host_paths import HostPaths
 from sandbox_kernel.manager import _check_name
 from sandbox_kernel.packages import InstallFailed, parse_requirements
 from sandbox_kernel.transfer import TransferFailed
@@ -79,6 +80,8 @@ class NoSession:
         self.manager = manager
         self.last_timing = None
         self.last_insights: list[str] = []
+        self.scope = None
+        self.host_paths = HostPaths(None)
 
     async def current(self):
         raise CommandError("no current session; `%session new NAME` makes one")

@@ -27,6 +27,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import clear_output, display, publish_display_data
+from traitlets import Bool
 
 from sandbox_kernel import portal
 from sandbox_kernel.commands import (
@@ -38,6 +39,7 @@ from sandbox_kernel.commands import (
     run_command,
 )
 from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.host_paths import HostPaths, notebook_dir
 from sandbox_kernel.manager import SessionManager
 from sandbox_kernel.session import AsyncSession
 from sandbox_kernel.shown import shown, shown_stream
@@ -53,6 +55,25 @@ def _cell_args() -> None:
 
 @magics_class
 class SessionMagics(Magics):
+    """The %session commands with this IPython's rights, which are the user's own.
+
+    The sandbox kernel confines a notebook's %session lines to the notebook's own
+    directory and sessions, because its cells run in a sandbox and the lines are all
+    the host rights that notebook has. Here a cell is host code already (it can open
+    any file or the registry itself), so confining the magics would be a sign, not a
+    wall: every session is in reach, and host paths are too unless
+    ``c.SessionMagics.confine_host_paths = True`` (the working directory, or the
+    notebook's, and a question for anything else), for those who want the same habit.
+    """
+
+    confine_host_paths = Bool(
+        False, help="Confine upload, download and artifacts --save to the notebook's "
+        "directory (JPY_SESSION_NAME's, else the working directory), asking before any "
+        "other path, as the sandbox kernel does. Off: this IPython's own rights.",
+    ).tag(config=True)
+    #: Every session is in reach (see sandbox_kernel.ownership).
+    scope = None
+
     def __init__(self, shell: Any, manager: SessionManager | None = None) -> None:
         super().__init__(shell)
         self._manager = manager
@@ -83,6 +104,13 @@ class SessionMagics(Magics):
 
     def default_name(self) -> None:
         return None
+
+    @property
+    def host_paths(self) -> HostPaths:
+        """Where upload, download and artifacts --save may go (see confine_host_paths)."""
+        if not self.confine_host_paths:
+            return HostPaths(None)
+        return HostPaths(notebook_dir(), getattr(self, "ask", None))
 
     def watch_transfer(self, batch: Any) -> Callable[[], None]:
         """Show progress while the transfer runs (from a thread); the returned stop ends it."""

@@ -94,12 +94,17 @@ class Artifact:
             raise SandboxError(f"artifact {self.id}: its content is no longer in the store")
         return b"".join(self._store.read_chunk(h) for h, _ in record.chunks)
 
+    @property
+    def file_name(self) -> str:
+        """The name :meth:`save` gives the file in a directory: the sandbox file's own."""
+        return (Path(self.path).name if self.path else
+                f"artifact-{self.id}{mimetypes.guess_extension(self.mime) or ''}")
+
     def save(self, dest: str | os.PathLike[str]) -> Path:
         """Write the content to ``dest`` (a file, or a directory to put it in), verified."""
         target = Path(dest)
         if target.is_dir():
-            target = target / (Path(self.path).name if self.path else
-                               f"artifact-{self.id}{mimetypes.guess_extension(self.mime) or ''}")
+            target = target / self.file_name
         self._store.export(self.hash, target)
         return target
 

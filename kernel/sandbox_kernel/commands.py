@@ -21,7 +21,6 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from IPython.core.error import UsageError
@@ -31,10 +30,13 @@ from .errors import SandboxError
 from .limits import format_size
 from .shown import shown
 from .timing import run_insights, transfer_insights
+from .workdir import relative_parts
 
 if TYPE_CHECKING:
+    from .host_paths import HostPaths
     from .lifecycle import ResumeReport
     from .manager import SessionManager
+    from .ownership import SessionScope
     from .session import AsyncSession
 
 
@@ -69,6 +71,12 @@ class CommandContext(Protocol):
 
     def default_name(self) -> str | None:
         """The name `%session new` gives when none is asked for (None: generated)."""
+
+    #: The sessions this surface may see and act on (None: every session, the user's own
+    #: rights: the magics); see ownership. Required, so that no surface is open by omission.
+    scope: SessionScope | None
+    #: The host paths upload, download and artifacts --save may use; see host_paths.
+    host_paths: HostPaths
 
 
 Command = Callable[[CommandContext, Any], Awaitable[CommandOutput]]
@@ -150,10 +158,38 @@ def _summary(func: Any) -> str:
     return (func.parser.description or "").strip().splitlines()[0]
 
 
-async def _target(ctx: CommandContext, name: str | None) -> AsyncSession:
+async def _target(ctx: CommandContext, name: str | None,
+                  command: str | None = None) -> AsyncSession:
+    """The session called ``name`` (one of the surface's own), or the current one."""
     if name:
-        return await ctx.manager._async_get(name)
+        return await _lookup(ctx, name, command)
     return await ctx.current()
+
+
+async def _lookup(ctx: CommandContext, name: str, command: str | None) -> AsyncSession:
+    """A session by name or id, if the surface may reach it. Another notebook's session
+    and no session at all get the same words, so a notebook cannot probe for names."""
+    scope = ctx.scope
+    if scope is None:
+        return await ctx.manager._async_get(name)
+    row = scope.find(name)
+    if row is None:
+        where = f"%session {command} {shown(name)}" if command else "%session"
+        raise CommandError(f"{where}: no session {shown(name)!r} belongs to this notebook; "
+                           "`%session list` shows its sessions")
+    return await ctx.manager._async_get(row["id"])
+
+
+def _visible(ctx: CommandContext, sessions: list[AsyncSession]) -> list[AsyncSession]:
+    scope = ctx.scope
+    return sessions if scope is None else scope.visible(sessions)
+
+
+def _claim(ctx: CommandContext, session: AsyncSession) -> None:
+    """A session the surface made (new, fork) is its own."""
+    scope = ctx.scope
+    if scope is not None:
+        scope.claim(session)
 
 
 # -- sessions ------------------------------------------------------------------
@@ -173,6 +209,7 @@ async def new(ctx: CommandContext, args: Any) -> CommandOutput:
         language=args.language or getattr(ctx, "default_language", lambda: None)(),
         template=args.template,
         timeout=args.timeout, packages=args.packages, wait=False)
+    _claim(ctx, session)
     await ctx.use(session)
     info = session.info()
     return CommandOutput(f"new session {shown(info['name'])} ({info['id']}) is starting and is now "
@@ -185,7 +222,7 @@ async def new(ctx: CommandContext, args: Any) -> CommandOutput:
 @argument("name", help="a session's name or id")
 async def use(ctx: CommandContext, args: Any) -> CommandOutput:
     """Make an existing session the current one."""
-    session = await ctx.manager._async_get(args.name)
+    session = await _lookup(ctx, args.name, "use")
     await ctx.use(session)
     return CommandOutput(f"using session {shown(session.name)} ({session.id}, {session.status})",
                          data=session.info())
@@ -199,7 +236,8 @@ async def list_(ctx: CommandContext, args: Any) -> CommandOutput:
     """List the sessions: status, lease, activity, packages."""
     status = args.status or (None if args.all else
                              ["starting", "running", "paused", "frozen", "dead"])
-    return render_sessions([_with_usage(s) for s in await ctx.manager._async_list(status)])
+    return render_sessions([_with_usage(s)
+                            for s in _visible(ctx, await ctx.manager._async_list(status))])
 
 
 
@@ -208,7 +246,7 @@ async def list_(ctx: CommandContext, args: Any) -> CommandOutput:
 @argument("name", nargs="?", help="a session (default: the current one)")
 async def info(ctx: CommandContext, args: Any) -> CommandOutput:
     """Show a session: id, status, lease, isolation, limits, packages, work directory."""
-    return render_info((await _target(ctx, args.name)).info())
+    return render_info((await _target(ctx, args.name, "info")).info())
 
 
 @command
@@ -216,7 +254,7 @@ async def info(ctx: CommandContext, args: Any) -> CommandOutput:
 @argument("name", nargs="?", help="a session (default: the current one)")
 async def close(ctx: CommandContext, args: Any) -> CommandOutput:
     """Close a session: stop its sandbox and delete its files."""
-    session = await _target(ctx, args.name)
+    session = await _target(ctx, args.name, "close")
     await ctx.manager._async_close(session.id)
     return CommandOutput(f"closed {shown(session.name)}")
 
@@ -227,7 +265,7 @@ async def close(ctx: CommandContext, args: Any) -> CommandOutput:
 @argument("--freeze", action="store_true", help="stop it in place (memory kept)")
 async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
     """Pause a session: variables to the store and the sandbox exits (--freeze: SIGSTOP)."""
-    session = await _target(ctx, args.name)
+    session = await _target(ctx, args.name, "pause")
     out = await session.pause("freeze" if args.freeze else "snapshot")
     name = shown(session.name)
     if out.get("already"):
@@ -244,7 +282,7 @@ async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
 @argument("--checkpoint", type=int, default=None, help="resume from this checkpoint")
 async def resume(ctx: CommandContext, args: Any) -> CommandOutput:
     """Resume a paused or frozen session (running a cell does it too)."""
-    report = await (await _target(ctx, args.name)).resume(args.checkpoint)
+    report = await (await _target(ctx, args.name, "resume")).resume(args.checkpoint)
     return CommandOutput(report_text(report), data=report.__dict__)
 
 
@@ -255,7 +293,7 @@ async def resume(ctx: CommandContext, args: Any) -> CommandOutput:
 @argument("--name", default=None, help="a session (default: the current one)")
 async def timeout(ctx: CommandContext, args: Any) -> CommandOutput:
     """Set the lease: SECONDS from now, then pause (or close)."""
-    session = await _target(ctx, args.name)
+    session = await _target(ctx, args.name, "timeout")
     info = session.set_timeout(args.seconds, args.on_timeout)
     when = time.strftime("%H:%M:%S", time.localtime(info["expires_at"]))
     return CommandOutput(f"{shown(session.name)}: lease {info['timeout']:g} s, expires at {when}, "
@@ -289,9 +327,12 @@ async def upload(ctx: CommandContext, args: Any) -> CommandOutput:
     session = await ctx.current()
     if args.dest is not None and len(args.paths) != 1:
         raise CommandError("%session upload: --dest takes exactly one PATH")
+    # Every path is checked (and asked about) before a byte of any is read.
+    sources = [await ctx.host_paths.source("upload", path) for path in args.paths]
     commit = session.upload_commit()
-    for path in args.paths:
-        commit.add(path, args.dest)
+    left_out: list[str] = []
+    for source in sources:
+        left_out += source.add_to(commit, args.dest)
     done = ctx.watch_transfer(commit)
     began = time.perf_counter()
     try:
@@ -303,11 +344,15 @@ async def upload(ctx: CommandContext, args: Any) -> CommandOutput:
     st = manifest["stats"]
     ctx.last_timing = {"upload": seconds, "total": seconds}
     ctx.last_insights = transfer_insights(st, seconds, sum(f["size"] for f in manifest["files"]))
-    return CommandOutput(
-        f"uploaded {len(manifest['files'])} file(s): {format_size(st['bytes_moved'])} placed, "
-        f"{format_size(st['bytes_stored'])} newly stored, {st['chunks_reused']} chunks reused, "
-        f"{st['files_skipped']} unchanged", data={"view": "transfer", **commit.get_progress(),
-                                                  "stats": st})
+    text = (f"uploaded {len(manifest['files'])} file(s): {format_size(st['bytes_moved'])} "
+            f"placed, {format_size(st['bytes_stored'])} newly stored, {st['chunks_reused']} "
+            f"chunks reused, {st['files_skipped']} unchanged")
+    if left_out:
+        more = f" and {len(left_out) - 10} more" if len(left_out) > 10 else ""
+        text += (f"\nnot uploaded: {', '.join(shown(p) for p in left_out[:10])}{more} (links, "
+                 "hidden names and special files are not taken from a directory; name one "
+                 "to be asked about it)")
+    return CommandOutput(text, data={"view": "transfer", **commit.get_progress(), "stats": st})
 
 
 @command
@@ -319,17 +364,20 @@ async def download(ctx: CommandContext, args: Any) -> CommandOutput:
     import asyncio
 
     session = await ctx.current()
-    Path(args.to).mkdir(parents=True, exist_ok=True)
+    names = [relative_parts(path, "sandbox path")[-1] for path in args.paths]
+    target = await ctx.host_paths.target("download", args.to, names)
     group = session.download_group()
-    for path in args.paths:
-        group.add(path, args.to)
-    done = ctx.watch_transfer(group)
-    try:
-        results = await asyncio.to_thread(group.finish)
-    finally:
-        if done is not None:
-            done()
-    return CommandOutput("\n".join(f"{shown(r['source'])} -> {shown(r['dest'])} "
+    with target.opened() as where:  # open (by descriptors) until every file is in
+        for path in args.paths:
+            group.add(path, where)
+        done = ctx.watch_transfer(group)
+        try:
+            results = await asyncio.to_thread(group.finish)
+        finally:
+            if done is not None:
+                done()
+    return CommandOutput("\n".join(f"{shown(r['source'])} -> "
+                                   f"{shown(target.show(r['dest'], where))} "
                                    f"({format_size(r['size'])}, verified)" for r in results),
                          data={"view": "transfer", **group.get_progress()})
 
@@ -337,14 +385,36 @@ async def download(ctx: CommandContext, args: Any) -> CommandOutput:
 @command
 @magic_arguments("session artifacts")
 @argument("--tag", default=None, help="only artifacts with this tag")
+@argument("--save", type=int, default=None, metavar="ID", help="save this artifact's content")
+@argument("--to", default=".", help="the local directory --save writes into (default: .)")
 async def artifacts(ctx: CommandContext, args: Any) -> CommandOutput:
-    """List what runs produced: changed files and rich outputs."""
+    """List what runs produced: changed files and rich outputs (--save ID keeps one)."""
     found = (await ctx.current()).artifacts(tag=args.tag)
+    if args.save is not None:
+        return await _save_artifact(ctx, [a for a in found if a.id == args.save], args)
     if not found:
         return CommandOutput("no artifacts yet")
     rows = [(str(a.id), a.kind, a.mime, format_size(a.size), a.path or "-",
              ",".join(a.tags) or "-") for a in found]
     return _table(("ID", "KIND", "MIME", "SIZE", "PATH", "TAGS"), rows)
+
+
+async def _save_artifact(ctx: CommandContext, chosen: list[Any], args: Any) -> CommandOutput:
+    """Write an artifact of the current session into ``args.to``, verified."""
+    import asyncio
+
+    if not chosen:
+        raise CommandError(f"%session artifacts: this session has no artifact {args.save}"
+                           + (f" tagged {shown(args.tag)!r}" if args.tag else "")
+                           + "; `%session artifacts` lists them")
+    artifact = chosen[0]
+    target = await ctx.host_paths.target("artifacts", args.to, [artifact.file_name])
+    with target.opened() as where:
+        # The directory itself: save() names the file in it (file_name) and renames it into
+        # place, so an entry of that name that is a link is replaced, never followed.
+        written = await asyncio.to_thread(artifact.save, where)
+    return CommandOutput(f"saved artifact {artifact.id} to {shown(target.show(written, where))} "
+                         f"({format_size(artifact.size)}, verified)")
 
 
 # -- checkpoints and history ----------------------------------------------------------
@@ -386,6 +456,7 @@ async def fork(ctx: CommandContext, args: Any) -> CommandOutput:
     if isinstance(key, str) and key.isdigit():
         key = int(key)
     child = await (await ctx.current()).fork(key, args.name)
+    _claim(ctx, child)
     if args.use:
         await ctx.use(child)
     return CommandOutput(f"forked into {shown(child.name)} ({child.id})"
@@ -420,7 +491,7 @@ async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
     """The last run's bottleneck and what to do about it; idle sessions worth pausing."""
     found = run_insights(ctx.last_timing or {}) + list(ctx.last_insights)
     now = time.time()
-    for s in await ctx.manager._async_list("running"):
+    for s in _visible(ctx, await ctx.manager._async_list("running")):
         i = s.info()
         idle = now - i["last_activity"]
         if idle > 900:
@@ -436,7 +507,8 @@ async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
 async def dashboard(ctx: CommandContext, args: Any) -> CommandOutput:
     """A live table of sessions with pause, resume, renew and close buttons."""
     status = ["starting", "running", "paused", "frozen", "dead"]
-    out = render_sessions([_with_usage(s) for s in await ctx.manager._async_list(status)])
+    out = render_sessions([_with_usage(s)
+                           for s in _visible(ctx, await ctx.manager._async_list(status))])
     out.data.update(view="dashboard", refresh=args.refresh)
     return out
 

@@ -35,7 +35,10 @@ from . import __version__
 from .commands import CommandError, run_command, split_cell
 from .connection import unpack_message
 from .errors import ConnectionDropped, SandboxError, SessionBusy, SessionClosed, SessionDead
+from .host_paths import HostPaths
+from .host_paths import notebook_dir as find_notebook_dir
 from .manager import AsyncSessionManager
+from .ownership import SessionScope
 from .session import AsyncSession, PendingExecution
 from .shown import shown
 
@@ -68,6 +71,22 @@ class SandboxKernel(Kernel):
     close_on_shutdown = Bool(
         False, help="Close the session when the kernel shuts down (not on restart). "
         "Off: the session stays, subject to its lease.",
+    ).tag(config=True)
+    see_all_sessions = Bool(
+        False, help="Let this notebook's %session commands see and act on every session "
+        "(list, use, close...). Off: only the notebook's own, those it created or forked "
+        "and the one it is bound to; a notebook is untrusted code and another notebook's "
+        "session holds that notebook's variables.",
+    ).tag(config=True)
+    confine_host_paths = Bool(
+        True, help="%session upload, download and artifacts --save reach only the "
+        "notebook's directory on the host (never through a link, no hidden names) unless "
+        "the user allows a path when asked. Off: any path the host user can reach.",
+    ).tag(config=True)
+    notebook_dir = Unicode(
+        None, allow_none=True, help="The notebook's directory on the host, where its "
+        "%session lines may read and write (default: the directory of JPY_SESSION_NAME, "
+        "else the kernel's working directory).",
     ).tag(config=True)
 
     def __init__(self, **kwargs: Any):
@@ -132,6 +151,7 @@ class SandboxKernel(Kernel):
         if session is None:
             session = await manager.create(name=_free_name(manager, key),
                                            language=self.session_language, wait=False)
+            manager.registry.set_owner(session.id, key)
         manager.registry.bind(key, session.id)
         return await self._adopt(session)
 
@@ -193,6 +213,19 @@ class SandboxKernel(Kernel):
         self._manager().registry.bind(self.binding_key, session.id)
         self._inner_info = None
         self._ready = asyncio.ensure_future(self._adopt(session))
+
+    @property
+    def scope(self) -> SessionScope:
+        """This notebook's sessions: those it made, and the one it is bound to."""
+        return SessionScope(self._manager().registry, self.binding_key, self.see_all_sessions)
+
+    @property
+    def host_paths(self) -> HostPaths:
+        """The notebook's directory on the host, and the user's yes for anything else."""
+        if not self.confine_host_paths:
+            return HostPaths(None)
+        # A path elsewhere is asked about (see ask), or refused where nobody can answer.
+        return HostPaths(find_notebook_dir(self.notebook_dir), getattr(self, "ask", None))
 
     #: Insights of the last command that had some (an upload's, say).
     last_insights: list[str] = []

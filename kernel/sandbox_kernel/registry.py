@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import RegistryDamaged, StateDirFull, is_disk_full
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     parent_id TEXT,
     checkpoint_id INTEGER,
     pooled INTEGER NOT NULL DEFAULT 0,
-    active_clock REAL NOT NULL DEFAULT 0
+    active_clock REAL NOT NULL DEFAULT 0,
+    owner TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name
     ON sessions(name) WHERE status NOT IN ('closed');
@@ -133,6 +134,16 @@ _MIGRATIONS = {
         "ALTER TABLE sessions ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0"],
     5: ["ALTER TABLE sessions ADD COLUMN active_clock REAL NOT NULL DEFAULT 0",
         "UPDATE sessions SET active_clock = last_activity + (:clock_offset)"],
+    # The notebook (binding key) that made a session: a notebook reaches its own only.
+    # Sessions from before belong to the notebook bound to them, and forks to their
+    # parent's; the rest to none (the API and the CLI still reach every session).
+    6: ["ALTER TABLE sessions ADD COLUMN owner TEXT",
+        "UPDATE sessions SET owner = (SELECT key FROM bindings WHERE session_id = sessions.id "
+        "ORDER BY updated DESC LIMIT 1)",
+        "WITH RECURSIVE tree(id, owner) AS (SELECT id, owner FROM sessions WHERE owner IS NOT "
+        "NULL UNION SELECT s.id, tree.owner FROM sessions s JOIN tree ON s.parent_id = tree.id "
+        "WHERE s.owner IS NULL) UPDATE sessions SET owner = (SELECT owner FROM tree WHERE "
+        "tree.id = sessions.id) WHERE owner IS NULL AND id IN (SELECT id FROM tree)"],
 }
 
 
@@ -241,6 +252,21 @@ class Registry:
                 (key, key, key),
             ).fetchone()
         return _decode(row)
+
+    def matches(self, key: str) -> list[dict[str, Any]]:
+        """Every session ``key`` could mean, in :meth:`find`'s order of preference."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM sessions WHERE id=? OR name=? "
+                "ORDER BY id=? DESC, status='closed' ASC, created DESC",
+                (key, key, key),
+            ).fetchall()
+        return [_decode(r) for r in rows]
+
+    def set_owner(self, session_id: str, owner: str) -> None:
+        """Record the notebook (binding key) a session belongs to: the one that made it."""
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET owner=? WHERE id=?", (owner, session_id))
 
     def sessions(
         self, status: str | Iterable[str] | None = None, tags: Iterable[str] | None = None,

@@ -19,6 +19,7 @@ mtime, inode) is not even read (``stat_cache_hits``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,27 @@ class ItemProgress:
     status: str = "queued"  # queued, hashing, copying, done, skipped, failed
     hash: str | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A local file to upload: a path the caller chose (links followed, as any program of
+    the caller's would), or a file of a confined tree (``tree`` and ``parts``), opened by
+    descriptors when its turn comes, never through a link."""
+
+    path: Path
+    tree: WorkDir | None = None
+    parts: tuple[str, ...] = ()
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[tuple[Path, os.stat_result]]:
+        """A path to read the file by, and its stat: the same file for as long as it is open
+        (``/proc/self/fd/N`` names the open file itself, whatever its path becomes)."""
+        if self.tree is None:
+            yield self.path, self.path.stat()
+            return
+        with self.tree.open_file(self.parts) as (fd, st):
+            yield Path(f"/proc/self/fd/{fd}"), st
 
 
 class _Batch:
@@ -131,61 +153,76 @@ class UploadCommit(_Batch):
                     path = Path(root) / name
                     if path.is_file():
                         rel = path.relative_to(local).parts
-                        self._queue(path, base + rel)
+                        self._queue(_Source(path), base + rel, path.stat().st_size)
         elif local.is_file():
-            self._queue(local, base)
+            self._queue(_Source(local), base, local.stat().st_size)
         else:
             raise InvalidArgument(f"{local} is neither a regular file nor a directory")
 
-    def _queue(self, local: Path, parts: tuple[str, ...]) -> None:
+    def add_from(self, tree: WorkDir, parts: tuple[str, ...], dest: tuple[str, ...],
+                 size: int = 0) -> None:
+        """Queue the regular file ``parts`` of ``tree`` for ``dest``: opened when its turn
+        comes by a descriptor walk that refuses links (a notebook's directory on the host,
+        see host_paths), so what is read is what was named."""
+        if self._committed:
+            raise InvalidArgument("this upload commit is already committed; start a new one")
+        self._queue(_Source(tree.root.joinpath(*parts), tree, parts), dest, size)
+
+    def _queue(self, source: _Source, parts: tuple[str, ...], size: int) -> None:
         if parts in self._dests:
             raise InvalidArgument(f"two files of this commit go to {'/'.join(parts)!r}")
         self._dests.add(parts)
-        item = ItemProgress("/".join(parts), bytes_total=local.stat().st_size)
+        item = ItemProgress("/".join(parts), bytes_total=size)
         self._items.append(item)
-        self._futures.append(_POOL.submit(self._upload, local, parts, item))
+        self._futures.append(_POOL.submit(self._upload, source, parts, item))
 
-    def _upload(self, local: Path, parts: tuple[str, ...], item: ItemProgress) -> None:
+    def _upload(self, source: _Source, parts: tuple[str, ...], item: ItemProgress) -> None:
         try:
-            st = local.stat()
-            known = self.store.stat_lookup(local, st)
-            have = self.session.manager.registry.session_file(self.session.id, "/".join(parts))
-            if known and self._unchanged_in_session(have, known, parts):
-                item.status, item.hash, item.bytes_completed = "skipped", known, item.bytes_total
-                self._count(files_skipped=1, stat_cache_hits=1)
-                return
-            staged = self.staging / uuid.uuid4().hex
-            item.status = "copying" if known else "hashing"
-
-            def progress(n: int) -> None:
-                item.bytes_completed += n
-
-            if known:  # unchanged since stored: copy it, no hashing
-                record = self.store.file(known)
-                assert record is not None
-                _copy(local, staged, progress)
-                self._count(stat_cache_hits=1, chunks_reused=len(record.chunks))
-            else:
-                # The copy into the sandbox (kernel-side copy, fsynced) runs beside the
-                # chunking, hashing and storing; a file that changes meanwhile is refused.
-                copying = _COPIES.submit(_copy_fast, local, staged)
-                record = self.store.ingest(local, on_bytes=progress)
-                copying.result()
-                if _signature(local.stat()) != _signature(st):
-                    raise TransferFailed(f"{local} changed while it was uploaded; upload it again")
-                self.store.stat_store(local, st, record.hash)
-                self._count(bytes_hashed=record.size, bytes_stored=record.bytes_written,
-                            chunks_new=record.new_chunks, chunks_reused=record.reused_chunks)
-            item.hash = record.hash
-            if self._unchanged_in_session(have, record.hash, parts):
-                staged.unlink(missing_ok=True)
-                item.status = "skipped"
-                self._count(files_skipped=1)
-                return
-            self._placements.append((item, parts, staged, record))
-            item.status = "done"
+            with source.opened() as (local, st):
+                self._upload_open(source.path, local, st, parts, item)
         except Exception as exc:  # reported by commit(), with the file's name
             item.status, item.error = "failed", _why(exc)
+
+    def _upload_open(self, name: Path, local: Path, st: os.stat_result,
+                     parts: tuple[str, ...], item: ItemProgress) -> None:
+        """Upload the file readable at ``local`` whose stat was ``st``; ``name`` keys the
+        stat cache and names the file in errors."""
+        known = self.store.stat_lookup(name, st)
+        have = self.session.manager.registry.session_file(self.session.id, "/".join(parts))
+        if known and self._unchanged_in_session(have, known, parts):
+            item.status, item.hash, item.bytes_completed = "skipped", known, item.bytes_total
+            self._count(files_skipped=1, stat_cache_hits=1)
+            return
+        staged = self.staging / uuid.uuid4().hex
+        item.status = "copying" if known else "hashing"
+
+        def progress(n: int) -> None:
+            item.bytes_completed += n
+
+        if known:  # unchanged since stored: copy it, no hashing
+            record = self.store.file(known)
+            assert record is not None
+            _copy(local, staged, progress)
+            self._count(stat_cache_hits=1, chunks_reused=len(record.chunks))
+        else:
+            # The copy into the sandbox (kernel-side copy, fsynced) runs beside the
+            # chunking, hashing and storing; a file that changes meanwhile is refused.
+            copying = _COPIES.submit(_copy_fast, local, staged)
+            record = self.store.ingest(local, on_bytes=progress)
+            copying.result()
+            if _signature(local.stat()) != _signature(st):
+                raise TransferFailed(f"{name} changed while it was uploaded; upload it again")
+            self.store.stat_store(name, st, record.hash)
+            self._count(bytes_hashed=record.size, bytes_stored=record.bytes_written,
+                        chunks_new=record.new_chunks, chunks_reused=record.reused_chunks)
+        item.hash = record.hash
+        if self._unchanged_in_session(have, record.hash, parts):
+            staged.unlink(missing_ok=True)
+            item.status = "skipped"
+            self._count(files_skipped=1)
+            return
+        self._placements.append((item, parts, staged, record))
+        item.status = "done"
 
     def _unchanged_in_session(self, have: dict[str, Any] | None, digest: str,
                               parts: tuple[str, ...]) -> bool:

@@ -64,6 +64,9 @@ def check_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class WorkDir:
+    #: How messages name the directory (a notebook's directory on the host reuses the walk).
+    where = "the work directory"
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
@@ -98,7 +101,7 @@ class WorkDir:
             except FileNotFoundError:
                 existing = None
             if existing is not None and stat.S_ISDIR(existing.st_mode):
-                raise UnsafePath(f"{'/'.join(parts)} is a directory in the work directory")
+                raise UnsafePath(f"{'/'.join(parts)} is a directory in {self.where}")
             owner = self._foreign_owner()
             if owner is not None:  # the sandbox's user owns what the host puts in its place
                 os.chown(source, *owner, follow_symlinks=False)
@@ -120,7 +123,7 @@ class WorkDir:
                 fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
                              | os.O_NONBLOCK, dir_fd=dir_fd)
             except FileNotFoundError:
-                raise InvalidArgument(f"no file {'/'.join(parts)!r} in the work directory"
+                raise InvalidArgument(f"no file {'/'.join(parts)!r} in {self.where}"
                                       ) from None
             except OSError as exc:
                 raise UnsafePath(self._why(parts, parts[-1], exc)) from None
@@ -154,8 +157,8 @@ class WorkDir:
         except (OSError, UnsafePath):
             return None
 
-    def scan(self, limit: int = 100_000, max_depth: int = 64
-             ) -> dict[str, tuple[int, int, int]]:
+    def scan(self, limit: int = 100_000, max_depth: int = 64, under: tuple[str, ...] = (),
+             skipped: list[str] | None = None) -> dict[str, tuple[int, int, int]]:
         """Regular files (path → size, mtime_ns, inode), walked by descriptors.
 
         Each directory is opened relative to its parent's descriptor with
@@ -165,22 +168,22 @@ class WorkDir:
         looked at (directories, links and other files too, not only the regular
         files reported) counts toward ``limit``, and directories deeper than
         ``max_depth`` are not entered: a tree of empty directories costs the host
-        no more than a tree of files would.
+        no more than a tree of files would. ``under`` scans only that directory
+        (paths stay relative to it); ``skipped`` collects what is neither a regular
+        file nor a directory (links, FIFOs, sockets), which is never reported.
         """
         found: dict[str, tuple[int, int, int]] = {}
         budget = [limit]
         try:
-            root = os.open(self.root, _DIR_FLAGS)
-        except OSError:
-            return found
-        try:
-            self._scan_dir(root, "", 0, max_depth, budget, found)
-        finally:
-            os.close(root)
+            with self.directory(under) as fd:
+                self._scan_dir(fd, "", 0, max_depth, budget, found, skipped)
+        except (OSError, UnsafePath):
+            pass
         return found
 
     def _scan_dir(self, fd: int, rel: str, depth: int, max_depth: int, budget: list[int],
-                  found: dict[str, tuple[int, int, int]]) -> None:
+                  found: dict[str, tuple[int, int, int]],
+                  skipped: list[str] | None = None) -> None:
         """One directory of :meth:`scan`: its files recorded, its subdirectories entered."""
         subdirs: list[str] = []
         try:
@@ -196,6 +199,8 @@ class WorkDir:
                             st = entry.stat(follow_symlinks=False)  # fstatat(fd, name)
                             path = f"{rel}/{entry.name}" if rel else entry.name
                             found[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                        elif skipped is not None:
+                            skipped.append(f"{rel}/{entry.name}" if rel else entry.name)
                     except OSError:
                         continue
         except OSError:
@@ -211,7 +216,7 @@ class WorkDir:
                 continue
             try:
                 self._scan_dir(sub, f"{rel}/{name}" if rel else name, depth + 1, max_depth,
-                               budget, found)
+                               budget, found, skipped)
             finally:
                 os.close(sub)
 
@@ -230,8 +235,8 @@ class WorkDir:
     def _why(self, parts: tuple[str, ...], name: str, exc: OSError) -> str:
         shown = "/".join(parts)
         if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:  # a link
-            return (f"{shown!r} runs through a symlink or non-directory ({name!r}) in the work "
-                    "directory; links are never followed out of it")
+            return (f"{shown!r} runs through a symlink or non-directory ({name!r}) in "
+                    f"{self.where}; links are never followed out of it")
         return f"{shown!r}: {exc.strerror}"
 
 
