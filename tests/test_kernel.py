@@ -238,6 +238,33 @@ def test_widget_in_the_sandbox_responds_to_the_frontend(kernel):
     assert {"method": "update", "state": {"value": 9}, "buffer_paths": []} in updates
 
 
+def test_a_comm_message_is_idle_only_once_the_sandbox_has_answered_it(kernel):
+    """JupyterLab ends a comm message's future at its idle status, and an Output widget
+    captures what the sandbox prints in answer (``interact``) through that future: the
+    busy and idle the frontend sees are the sandbox's, around its answer."""
+    import queue
+
+    _, kc = kernel()
+    _, msgs = execute(kc, "import ipywidgets as w\ns = w.IntSlider()\n"
+                          "s.observe(lambda c: print('value', c['new']), 'value')\ns")
+    (comm_id,) = [m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"
+                  and m["content"]["data"]["state"]["_model_name"] == "IntSliderModel"]
+    request = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {
+        "method": "update", "state": {"value": 5}, "buffer_paths": []}})
+    kc.session.send(kc.shell_channel.socket, request)
+    seen, deadline = [], time.monotonic() + 30
+    while time.monotonic() < deadline and ("status", "idle") not in seen:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+            c = msg["content"]
+            seen.append((msg["msg_type"], c.get("execution_state") or c.get("text")))
+    seen = [s for s in seen if s[0] in ("status", "stream")]
+    assert seen == [("status", "busy"), ("stream", "value 5\n"), ("status", "idle")], seen
+
+
 def test_comm_message_for_a_missing_comm_is_harmless(kernel):
     _, kc = kernel()
     kc.session.send(kc.shell_channel.socket, kc.session.msg(

@@ -474,11 +474,26 @@ class SandboxKernel(Kernel):
             conn = await sandbox.connection()
         except Exception as exc:
             self.log.warning("dropped %s: %s", parent["header"]["msg_type"], exc)
+            Kernel._publish_status(self, "idle", "shell", parent)  # its future ends all the same
             return
         msg = self.session.msg(parent["header"]["msg_type"], parent["content"],
                                metadata=parent.get("metadata"))
         msg["header"]["msg_id"] = parent["header"]["msg_id"]
         conn.send_raw("shell", msg, buffers=parent.get("buffers"))
+
+    def _publish_status(self, status: str, channel: str, parent: Any = None) -> None:
+        """A comm message's busy and idle are the sandbox's (relayed by _relay_unrouted).
+
+        Ours would say idle the moment the message is handed on, and JupyterLab
+        ends a comm message's future at its idle: what the sandbox sends in
+        answer (an ``interact`` printing into its Output widget, which captures
+        by that message's id through the future) would find no one listening.
+        """
+        if channel == "shell":
+            current = parent or self.get_parent("shell")
+            if current and current.get("header", {}).get("msg_type") in COMMS:
+                return
+        super()._publish_status(status, channel, parent)
 
     def _remember(self, parent: dict[str, Any]) -> None:
         self._parents[parent["header"]["msg_id"]] = parent
@@ -494,9 +509,13 @@ class SandboxKernel(Kernel):
         iopub_welcome, another client's cells) is not this frontend's.
         """
         kind = msg["header"]["msg_type"]
-        if channel != "iopub" or kind in ("status", "iopub_welcome"):
+        if channel != "iopub" or kind == "iopub_welcome":
             return
         parent = self._parents.get(msg.get("parent_header", {}).get("msg_id"))
+        if kind == "status":  # only a comm message's: see _publish_status
+            if parent is not None and parent["header"]["msg_type"] in COMMS:
+                self._publish(msg, parent)
+            return
         if parent is not None:
             self._publish(msg, parent)
         elif kind.startswith("comm_"):
