@@ -171,3 +171,89 @@ def test_lab_magics_dashboard_progress_and_session_cells(lab, browser, kernel_ho
     shot = screenshot(page, "lab-magics-dashboard-paused")
     assert shot.stat().st_size > 10_000
     page.close()
+
+
+def _pwn(flag: str) -> str:
+    """JavaScript an attacker's output would run: a flag on the page, and a file written on
+    the host through the server's API with the page's token (as issue 16's probe did)."""
+    return (f"window.__sk_{flag} = 1; var s = window.jupyterapp.serviceManager.serverSettings;"
+            f"fetch(s.baseUrl + 'api/contents/pwned-{flag}.txt', {{method: 'PUT', headers: "
+            "{Authorization: 'token ' + s.token}, body: JSON.stringify({type: 'file', "
+            "format: 'text', content: 'pwned'})})")
+
+
+def test_lab_runs_no_script_from_the_sandbox_and_still_shows_tables_plots_widgets(lab, browser):
+    """Security issue 16 in a real JupyterLab: JavaScript output, an <img onerror>, raw HTML
+    in markdown and an HTML widget's handler do not run (no flag on the page, no file on
+    the host), and a note says what was held back; a pandas table, a matplotlib figure, a
+    slider with interact and a Button with an Output still work."""
+    flags = ("js", "img", "md", "widget")
+
+    def onerror(flag: str) -> str:
+        return repr(f'<img src=x onerror="{_pwn(flag)}">')
+
+    cells = [
+        f"display({{'application/javascript': {_pwn('js')!r}}}, raw=True)",
+        "from IPython.display import HTML, Markdown\n"
+        f"HTML('<b>html kept</b>' + {onerror('img')})",
+        f"Markdown('**markdown** ' + {onerror('md')})",
+        f"import ipywidgets as w\nw.HTML('<i>widget kept</i>' + {onerror('widget')})",
+        "import pandas as pd\npd.DataFrame({'city': ['Oslo', 'Lima'], 'rain_mm': [763, 6]})",
+        "%matplotlib inline\nimport matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots(figsize=(3, 2)); ax.plot([1, 3, 2]); plt.show()",
+        "from ipywidgets import interact\n@interact(x=(0, 10))\n"
+        "def double(x=3):\n    print('double is', x * 2)",
+        "b = w.Button(description='press me'); out = w.Output()\n"
+        "b.on_click(lambda _: out.append_stdout('button pressed\\n'))\ndisplay(b, out)",
+    ]
+    _notebook(lab["root"] / "policy.ipynb", cells)
+    page = run_all(browser, lab, "policy.ipynb", "Python 3 (sandbox)", "sandbox-python",
+                   viewport={"width": 1280, "height": 1600})
+    page.wait_for_selector(".widget-button:has-text('press me')", timeout=180_000)
+    page.wait_for_selector("text=double is 6", timeout=60_000)
+    time.sleep(2)  # what a script would do happens at render time; give it every chance
+    ran = page.evaluate(f"() => {[f'__sk_{f}' for f in flags]!r}.filter(n => n in window)")
+    written = [f for f in flags if (lab["root"] / f"pwned-{f}.txt").exists()]
+    assert ran == [] and written == [], (ran, written)
+
+    # The slider dragged to its end: the sandbox runs the function, its Output updates.
+    handle = page.locator(".widget-slider .noUi-handle").first.bounding_box()
+    track = page.locator(".widget-slider .noUi-target").first.bounding_box()
+    page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(track["x"] + track["width"] + 30, handle["y"] + handle["height"] / 2,
+                    steps=8)
+    page.mouse.up()
+    page.wait_for_selector("text=double is 20", timeout=60_000)
+    page.locator(".widget-button:has-text('press me')").click()
+    page.wait_for_selector("text=button pressed", timeout=60_000)
+    shot = screenshot(page, "lab-output-policy")
+    assert shot.stat().st_size > 10_000
+    panel = page.locator(".jp-NotebookPanel:visible")  # earlier tests' notebooks are restored
+    text = panel.inner_text()
+    assert "application/javascript output blocked" in text
+    assert "text/markdown with HTML or non-web links shown as text" in text
+    assert "html kept" in text and "widget kept" in text
+    assert text.count("scripts, event handlers or frames were removed") >= 2
+    table = panel.locator(".jp-OutputArea-output table.dataframe")
+    assert table.count() == 1 and "Oslo" in table.inner_text()
+    # pandas' own <style> block is in the page, its rules parsed.
+    rules = panel.locator(".jp-OutputArea-output style").first.evaluate(
+        "s => Array.from(s.sheet.cssRules).map(r => r.selectorText)")
+    assert ".dataframe thead th" in rules, rules
+    img = panel.locator(".jp-OutputArea-output img[src^='data:image/png']").first
+    assert img.evaluate("i => i.naturalWidth") > 100
+    table.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "lab-output-policy-table.png"),
+                    clip=_around(table.bounding_box(), img.bounding_box()))
+    page.close()
+
+
+def _around(*boxes: dict | None) -> dict:
+    """The rectangle holding ``boxes`` (page coordinates), with a margin."""
+    found = [b for b in boxes if b]
+    x0 = max(0, min(b["x"] for b in found) - 40)
+    y0 = max(0, min(b["y"] for b in found) - 40)
+    x1 = max(b["x"] + b["width"] for b in found) + 40
+    y1 = max(b["y"] + b["height"] for b in found) + 40
+    return {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}

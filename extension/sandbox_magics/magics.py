@@ -8,12 +8,16 @@ Errors print as one line; tracebacks come only from code run in the sandbox.
 What a command says is escaped (``sandbox_kernel.shown``): the commands escape
 each name and reason from a sandbox, and everything printed here is escaped
 once more, newlines kept, so no control character reaches the screen even from
-a message that forgot. A ``%%session`` cell's own output is relayed as it is,
-as any cell's is.
+a message that forgot. A ``%%session`` cell's own output is relayed as any
+cell's is, but through the sandbox kernel's output policy (``OutputPolicy``:
+scripts, active types and event handlers are held back, HTML sanitized)
+unless the session is trusted (``%session trust``): republished here, it
+would run in the browser with the rights of this host kernel's user.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import queue
@@ -41,8 +45,10 @@ from sandbox_kernel.commands import (
 from sandbox_kernel.errors import SandboxError
 from sandbox_kernel.host_paths import HostPaths, notebook_dir
 from sandbox_kernel.manager import SessionManager
+from sandbox_kernel.output_policy import OutputPolicy
 from sandbox_kernel.session import AsyncSession
 from sandbox_kernel.shown import shown, shown_stream
+from sandbox_kernel.trust import is_trusted, session_dir
 
 
 @magic_arguments("%session")
@@ -83,6 +89,7 @@ class SessionMagics(Magics):
         self.last_insights: list[str] = []
         #: The widget (or None) of the last command, for tests and for `stop()`.
         self.last_view: Any = None
+        self._output_policy: OutputPolicy | None = None
 
     # -- the context the commands run in ----------------------------------------------
 
@@ -111,6 +118,24 @@ class SessionMagics(Magics):
         if not self.confine_host_paths:
             return HostPaths(None)
         return HostPaths(notebook_dir(), getattr(self, "ask", None))
+
+    @property
+    def output_policy(self) -> OutputPolicy:
+        """What of a %%session cell's rich output is shown (configured like the kernel's)."""
+        if self._output_policy is None:
+            self._output_policy = OutputPolicy(config=self.shell.config if self.shell else None)
+        return self._output_policy
+
+    async def ask(self, prompt: str, password: bool = False) -> str:
+        """Ask the person at this IPython's frontend (a kernel's stdin channel or the
+        terminal); CommandError when it takes no input (nbconvert, papermill)."""
+        from IPython.core.error import StdinNotImplementedError
+
+        try:
+            return await asyncio.to_thread(getpass.getpass if password else input, prompt)
+        except (StdinNotImplementedError, EOFError, OSError) as exc:
+            raise CommandError(f"%session: this needs an answer from you, and this frontend "
+                               f"takes no input ({type(exc).__name__})") from None
 
     def watch_transfer(self, batch: Any) -> Callable[[], None]:
         """Show progress while the transfer runs (from a thread); the returned stop ends it."""
@@ -256,6 +281,7 @@ class SessionMagics(Magics):
     def _relay(self, session: AsyncSession, code: str) -> Any:
         """Run ``code``; show its outputs from this thread, in order, as they arrive."""
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        policy = None if is_trusted(session_dir(session)) else self.output_policy
 
         def ask(prompt: str, password: bool) -> str:
             answer: queue.Queue[str] = queue.Queue()
@@ -273,14 +299,14 @@ class SessionMagics(Magics):
                         break
                     continue
                 if kind == "output":
-                    _show_output(payload)
+                    _show_output(payload, policy)
                 else:
                     prompt, password, answer = payload
                     answer.put(getpass.getpass(prompt) if password else input(prompt))
             while not events.empty():
                 kind, payload = events.get()
                 if kind == "output":
-                    _show_output(payload)
+                    _show_output(payload, policy)
             return fut.result()
         except KeyboardInterrupt:
             portal.call(session.interrupt(), timeout=10)
@@ -294,13 +320,16 @@ def run_output(name: str, magics: SessionMagics) -> CommandOutput:
     return portal.call(run_command(magics, name))
 
 
-def _show_output(out: dict[str, Any]) -> None:
+def _show_output(out: dict[str, Any], policy: OutputPolicy | None) -> None:
+    """Show one output of a %%session cell; rich ones through ``policy`` (None: trusted)."""
     kind = out["output_type"]
     if kind == "stream":
         stream = sys.stdout if out["name"] == "stdout" else sys.stderr
         stream.write(shown_stream(out["text"]))  # colours and \r kept, other escapes not
         stream.flush()
     elif kind in ("display_data", "execute_result", "update_display_data"):
+        if policy is not None:  # no widget of the sandbox's can be shown here: no view passes
+            out = policy.filter_output(out)
         transient = {"display_id": out["display_id"]} if out.get("display_id") else None
         publish_display_data(out["data"], out.get("metadata") or {}, transient=transient,
                              update=kind == "update_display_data")

@@ -651,3 +651,49 @@ def ago(seconds: float) -> str:
 
 def _esc(text: str) -> str:
     return html.escape(str(text), quote=True)
+
+
+# -- trust: a session's outputs unfiltered (see frontend_guard) -------------------------
+
+
+@command
+@magic_arguments("session trust")
+@argument("name", nargs="?", help="a session (default: the current one)")
+async def trust(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Let a session's outputs run code in this browser (asks you first); `untrust` ends it.
+
+    The answer is asked of the person at the frontend (``ctx.ask``: the stdin
+    channel, which no output, payload or widget of a sandbox can answer); a
+    surface that cannot ask refuses.
+    """
+    from .trust import TRUST_PROMPT, is_trusted, session_dir, set_trusted
+
+    session = await _target(ctx, args.name, "trust")
+    name = shown(session.name)
+    if is_trusted(session_dir(session)):
+        return CommandOutput(f"session {name} is already trusted; `%session untrust` ends it",
+                             data={"trusted": True})
+    ask = getattr(ctx, "ask", None)
+    if ask is None:
+        raise CommandError("%session trust: this surface cannot ask you, so it trusts nothing")
+    answer = await ask(TRUST_PROMPT.format(name=name))
+    if answer.strip().lower() != "yes":
+        return CommandOutput(f"session {name} stays untrusted: its outputs are still filtered",
+                             data={"trusted": False})
+    set_trusted(session_dir(session), True)
+    return CommandOutput(f"session {name} is trusted: from its next output on, what it sends "
+                         "reaches this browser unfiltered; `%session untrust` ends it",
+                         data={"trusted": True})
+
+
+@command
+@magic_arguments("session untrust")
+@argument("name", nargs="?", help="a session (default: the current one)")
+async def untrust(ctx: CommandContext, args: Any) -> CommandOutput:
+    """Filter a trusted session's outputs again (scripts, active types, other widgets)."""
+    from .trust import session_dir, set_trusted
+
+    session = await _target(ctx, args.name, "untrust")
+    set_trusted(session_dir(session), False)
+    return CommandOutput(f"session {shown(session.name)} is not trusted: its outputs are "
+                         "filtered from the next one on", data={"trusted": False})

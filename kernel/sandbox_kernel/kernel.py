@@ -35,12 +35,16 @@ from . import __version__
 from .commands import CommandError, run_command, split_cell
 from .connection import unpack_message
 from .errors import ConnectionDropped, SandboxError, SessionBusy, SessionClosed, SessionDead
+from .frontend_guard import FrontendGuard, help_links
 from .host_paths import HostPaths
 from .host_paths import notebook_dir as find_notebook_dir
 from .manager import AsyncSessionManager
+from .output_policy import OutputPolicy
 from .ownership import SessionScope
 from .session import AsyncSession, PendingExecution
 from .shown import shown
+from .trust import TrustFlag, is_trusted, session_dir
+from .widget_policy import WidgetPolicy
 
 #: Requests answered by the sandbox's kernel, passed through as they came.
 FORWARDED = ("complete_request", "inspect_request", "is_complete_request",
@@ -110,6 +114,10 @@ class SandboxKernel(Kernel):
         #: Cells waiting for their session to start, and whether an interrupt came meanwhile.
         self._cells_waiting = 0
         self._interrupted_waiting = False
+        #: What the sandbox sends the frontend passes these (see frontend_guard).
+        self.output_policy = OutputPolicy(parent=self)
+        self.widget_policy = WidgetPolicy(parent=self)
+        self._guard = self._new_guard(None)
 
     # -- start-up: find or create the session, in the background -----------
 
@@ -169,8 +177,15 @@ class SandboxKernel(Kernel):
                         f"from checkpoint {report.checkpoint}:\n{report}")
         return dead
 
+    def _new_guard(self, session: AsyncSession | None) -> FrontendGuard:
+        """A fresh filter for ``session``'s messages: no comms let through yet."""
+        where = session_dir(session) if session is not None else None
+        trusted = TrustFlag(lambda: where is not None and is_trusted(where))
+        return FrontendGuard(self.output_policy, self.widget_policy, trusted)
+
     async def _adopt(self, session: AsyncSession) -> AsyncSession:
         self.sandbox = session
+        self._guard = self._new_guard(session)
         session.on_unrouted = self._relay_unrouted
         session.keep_alive(True)  # an open notebook keeps its session's lease
         if session.status in ("starting", "running", "paused", "frozen"):  # attaching resumes
@@ -239,6 +254,21 @@ class SandboxKernel(Kernel):
     def default_language(self) -> str:
         return self.session_language
 
+    async def ask(self, prompt: str, password: bool = False) -> str:
+        """Ask the person at the frontend (an input_request on the stdin channel), as a
+        command's confirmation: only the frontend answers there, never the sandbox."""
+        if not self._allow_stdin:
+            raise CommandError("%session: this needs an answer from you, and this frontend "
+                               "does not take input for this cell (run it interactively)")
+        parent = self.get_parent("shell")
+        ident = self._get_shell_context_var(self._shell_parent_ident)
+        self._stdin_cancel.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self._ask_frontend, prompt, password, ident, parent)
+        except InputCancelled:
+            raise CommandError("%session: interrupted while waiting for your answer") from None
+
     # -- kernel_info ----------------------------------------------------------
 
     @property
@@ -259,8 +289,9 @@ class SandboxKernel(Kernel):
     def kernel_info(self) -> dict[str, Any]:  # type: ignore[override]
         info = super().kernel_info
         info["supported_features"] = []  # no subshells or debugger across the sandbox yet
-        if self._inner_info:
-            info["help_links"] = self._inner_info.get("help_links", [])
+        if self._inner_info:  # the Help menu opens them: web links only
+            info["help_links"] = help_links(self._inner_info.get("help_links"),
+                                            self.output_policy.link_schemes)
         return info
 
     # -- execute ----------------------------------------------------------------
@@ -308,6 +339,7 @@ class SandboxKernel(Kernel):
         user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
         *, cell_meta: dict[str, Any] | None = None, cell_id: str | None = None,
     ) -> dict[str, Any]:
+        self._allow_stdin = allow_stdin  # whether a %session command may ask (see ask())
         parts = split_cell(code) if "%session" in code else [("code", code)]
         reply: dict[str, Any] = {"status": "ok", "execution_count": self.execution_count,
                                  "payload": [], "user_expressions": {}}
@@ -356,6 +388,7 @@ class SandboxKernel(Kernel):
         if interrupted:  # before the session was there to receive it: the cell does not run
             return self._error_reply(KeyboardInterrupt(
                 "interrupted while its session was starting; the cell did not run"))
+        self._guard.trusted.expire()  # a %session trust or untrust applies from this cell
         notice, self._notice = self._notice, None
         if notice:
             self.send_response(self.iopub_socket, "stream",
@@ -385,7 +418,11 @@ class SandboxKernel(Kernel):
         count = reply["content"].get("execution_count")
         if isinstance(count, int):
             self.execution_count = count
-        return reply["content"]
+        content, notes = self._guard.execute_reply(reply["content"])
+        if notes:
+            self.send_response(self.iopub_socket, "display_data",
+                               {"data": {"text/plain": "\n".join(notes)}, "metadata": {}})
+        return content
 
     def _error_reply(self, exc: Exception, hint: str = "") -> dict[str, Any]:
         evalue = shown(f"{exc} {hint}".strip())  # errors may quote what the sandbox wrote
@@ -395,6 +432,11 @@ class SandboxKernel(Kernel):
         return {"status": "error", "execution_count": self.execution_count, **content}
 
     def _publish(self, msg: dict[str, Any], parent: dict[str, Any]) -> None:
+        """Send a sandbox's message to the frontend under ``parent``, if the policy lets it."""
+        checked = self._guard.iopub(msg)
+        if checked is None:
+            return
+        msg = checked
         kind = msg["header"]["msg_type"]
         self.session.send(self.iopub_socket, kind, msg["content"], parent=parent,
                           metadata=msg.get("metadata"), buffers=msg.get("buffers"),
@@ -447,6 +489,8 @@ class SandboxKernel(Kernel):
         try:
             sandbox = await self._sandbox()
             reply = (await sandbox.request(msg_type, parent["content"]))["content"]
+            if msg_type == "inspect_request":  # its bundle is rendered like an output
+                reply = self._guard.inspect_reply(reply)
         except Exception as exc:
             reply = _fallback_reply(msg_type, parent["content"], exc)
         self.session.send(stream, msg_type.replace("_request", "_reply"), reply, parent,
@@ -463,6 +507,7 @@ class SandboxKernel(Kernel):
         the comm's parent.
         """
         self._remember(parent)
+        self._guard.frontend_comm(parent["header"]["msg_type"], parent["content"])
         previous = self._comm_chain
         self._comm_chain = asyncio.ensure_future(self._send_comm(parent, previous))
 

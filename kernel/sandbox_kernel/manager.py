@@ -57,6 +57,7 @@ from .sandbox import identity, supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
 from .session import AsyncSession, Session
 from .store import ContentStore
+from .trust import is_trusted
 from .workdir import relative_parts
 
 # Used with fullmatch: a "^...$" pattern with match() lets "name\n" through.
@@ -288,6 +289,8 @@ class SessionManager(LoggingConfigurable):
             "on_timeout": row["on_timeout"],
             "parent": row["parent_id"],
             "checkpoint": row["checkpoint_id"],
+            # Outputs reach frontends unfiltered (`%session trust`); see trust.py.
+            "trusted": is_trusted(sdir),
         }
 
     @property
