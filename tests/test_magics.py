@@ -218,6 +218,35 @@ def test_magics_in_a_kernel_show_widgets_with_text_fallbacks(tmp_path):
             pass  # closes the kernel's sessions
 
 
+def test_host_paths_are_the_users_own_unless_confined(shell, capsys, tmp_path, monkeypatch):
+    """A host IPython's cells have the user's rights, so its %session lines do too; with
+    confine_host_paths they keep to the notebook's directory and ask before leaving it."""
+    ip, magics, _ = shell
+    run_line(capsys, ip, "new magic-paths")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's own file")
+    out, err = run_line(capsys, ip, f"upload {outside}")
+    assert "uploaded 1 file(s)" in out, err
+    (tmp_path / "nb").mkdir()
+    (tmp_path / "nb" / "inside.txt").write_text("inside")
+    monkeypatch.chdir(tmp_path / "nb")
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    prompts: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt: prompts.append(prompt) or "n")
+    magics.confine_host_paths = True
+    try:
+        _, err = run_line(capsys, ip, f"upload {outside} --dest again.txt")
+        assert err.strip() == (f"%session upload: {outside}, outside this notebook's "
+                               "directory: not allowed")
+        assert prompts == [f"allow %session upload to read {outside}, outside this "
+                           "notebook's directory? [y/N] "]
+        out, err = run_line(capsys, ip, "upload inside.txt")
+        assert "uploaded 1 file(s)" in out, err
+    finally:
+        magics.confine_host_paths = False
+    run_line(capsys, ip, "close magic-paths")
+
+
 def test_insights_name_the_figures_they_rest_on(shell, capsys):
     from sandbox_kernel.timing import run_insights, transfer_insights
 

@@ -247,6 +247,28 @@ def test_artifacts_save_is_confined_like_download(nb_a, place):
     assert (nb_a.dir / "saved" / "figure.dat").read_text() == "artifact bytes"
 
 
+# -- the user's own yes or no -----------------------------------------------------------
+
+
+def test_the_user_can_allow_one_outside_path_when_asked(nb_a, place):
+    secret = place / "outside" / "secret.txt"
+    reply, text, prompts = nb_a.run(f"%session upload {secret} --dest asked.txt",
+                                    answers=["n"])
+    assert reply["status"] == "error" and "not allowed" in reply["evalue"]
+    assert prompts == [f"allow %session upload to read {secret}, outside this notebook's "
+                       "directory? [y/N] "]
+    assert not nb_a.in_sandbox("asked.txt")
+    reply, text, prompts = nb_a.run(f"%session upload {secret} --dest asked.txt",
+                                    answers=["y"])
+    assert reply["status"] == "ok", reply
+    assert len(prompts) == 1 and nb_a.in_sandbox("asked.txt")
+    target = place / "outside" / "allowed"
+    nb_a.ok("open('gift.txt', 'w').write('ok')")
+    reply, _, prompts = nb_a.run(f"%session download gift.txt --to {target}", answers=["yes"])
+    assert reply["status"] == "ok" and "to write into" in prompts[0]
+    assert (target / "gift.txt").read_text() == "ok"
+
+
 # -- sessions: a notebook reaches its own only ---------------------------------------------
 
 

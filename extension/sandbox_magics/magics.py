@@ -117,7 +117,7 @@ class SessionMagics(Magics):
         """Where upload, download and artifacts --save may go (see confine_host_paths)."""
         if not self.confine_host_paths:
             return HostPaths(None)
-        return HostPaths(notebook_dir(), getattr(self, "ask", None))
+        return HostPaths(notebook_dir(), self.ask)
 
     @property
     def output_policy(self) -> OutputPolicy:

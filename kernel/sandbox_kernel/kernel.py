@@ -240,7 +240,7 @@ class SandboxKernel(Kernel):
         if not self.confine_host_paths:
             return HostPaths(None)
         # A path elsewhere is asked about (see ask), or refused where nobody can answer.
-        return HostPaths(find_notebook_dir(self.notebook_dir), getattr(self, "ask", None))
+        return HostPaths(find_notebook_dir(self.notebook_dir), self.ask)
 
     #: Insights of the last command that had some (an upload's, say).
     last_insights: list[str] = []
