@@ -80,13 +80,13 @@ def test_the_red_team_probes_pass_for_a_manager_run_by_an_ordinary_user():
                "CI": os.environ.get("CI", "")}
         run = subprocess.run(
             [_tool("runuser"), "-u", USER, "--", sys.executable, "-m", "pytest", "-q",
-             "-p", "no:cacheprovider", "-o", "addopts=-rs", *_red_team()],
+             "-p", "no:cacheprovider", "-o", "addopts=-rfEs", *_red_team()],
             cwd=home, env=env, capture_output=True, text=True, timeout=600)
     finally:
         for path, mode in closed.items():
             path.chmod(mode)
         shutil.rmtree(home, ignore_errors=True)
-    tail = (run.stdout + run.stderr)[-4000:]
+    tail = (run.stdout + run.stderr)[-12000:]
     assert run.returncode == 0, tail
     assert " passed" in run.stdout, tail
     # The only skips allowed are of what a root manager alone does.
