@@ -166,3 +166,22 @@ def test_the_kernel_relays_a_flood_live_but_keeps_only_the_cap(kernel_home):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_request_whose_idle_status_was_dropped_ends_after_the_grace(monkeypatch):
+    """iopub drops past the receive high-water mark, and the lost message can be the idle
+    status a request waits for: with its reply in, the request ends after IDLE_GRACE
+    instead of waiting out its whole timeout."""
+    import asyncio
+
+    from sandbox_kernel import connection
+
+    monkeypatch.setattr(connection, "IDLE_GRACE", 0.2)
+
+    async def scenario() -> object:
+        req = connection._Request("m1", wait_idle=True, on_message=None, on_stdin=None)
+        req.reply = {"content": {"status": "ok"}}
+        req._maybe_finish()  # the reply came; the idle status never will
+        return await asyncio.wait_for(req.done, timeout=5)
+
+    assert asyncio.run(scenario()) == {"content": {"status": "ok"}}

@@ -88,9 +88,16 @@ class _LimitedContext(zmq.asyncio.Context):
     _socket_class = _WatchedSocket
 
 
+#: Seconds a request whose reply has come waits for its idle status before it is done
+#: without it. The kernel publishes idle right after the reply; it never comes when
+#: iopub dropped it (ZeroMQ drops past the receive high-water mark, see OutputLimits),
+#: and a request must not then wait out its whole timeout.
+IDLE_GRACE = 5.0
+
+
 class _Request:
     __slots__ = ("msg_id", "done", "reply", "idle", "wait_idle", "on_message", "on_stdin",
-                 "linger")
+                 "linger", "grace")
 
     def __init__(self, msg_id: str, wait_idle: bool, on_message: MessageHook | None,
                  on_stdin: StdinHook | None, linger: float = 0.0):
@@ -102,8 +109,11 @@ class _Request:
         self.on_message = on_message
         self.on_stdin = on_stdin
         self.linger = linger
+        self.grace: asyncio.TimerHandle | None = None
 
     def _maybe_finish(self) -> None:
+        if self.reply is not None and not self.idle and self.grace is None:
+            self.grace = asyncio.get_running_loop().call_later(IDLE_GRACE, self._finish)
         if self.reply is not None and self.idle and not self.done.done():
             if self.linger:
                 asyncio.get_running_loop().call_later(self.linger, self._finish)

@@ -41,12 +41,10 @@ class OutputLimits(LoggingConfigurable):
         "between two flushes as one message, so this also bounds one burst of printing.",
     ).tag(config=True)
     receive_hwm = Int(
-        1000, help="Messages at most queued in each client socket while the client is busy "
-        "(ZeroMQ's RCVHWM, its default, as jupyter_client has it); the kernel's side then "
-        "holds the rest, or drops them on iopub. Not lower: a dropped iopub message can be "
-        "the idle status a request waits for, which then waits out its timeout (a loaded "
-        "test run at 16 saw a kernel_info do so). The host's memory is bounded by "
-        "max_message_size per message and by the per-cell caps.").tag(config=True)
+        16, help="Messages at most queued in each client socket while the client is busy "
+        "(ZeroMQ's RCVHWM); the kernel's side then holds or drops the rest, in the "
+        "sandbox's memory. Worst case held by the host per socket: (receive_hwm + 1) "
+        "messages of max_message_size.").tag(config=True)
 
 
 class KeptOutputs:
