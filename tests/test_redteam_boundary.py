@@ -292,3 +292,16 @@ def test_gc_frees_the_uid_claims_of_deleted_state_directories(manager):
     assert live.exists() and not stale.exists()
     manager.close("claimer")
     assert not live.exists(), "a closed session keeps its uid"
+
+
+def test_a_deep_directory_chain_does_not_break_close_or_gc(manager):
+    """shutil.rmtree recursed: 1,500 nested directories raised RecursionError out of
+    close() (after the uid was released) and out of every later gc()."""
+    s = manager.create(name="deep")
+    r = s.run("import os\nfor _ in range(1500):\n    os.mkdir('d'); os.chdir('d')\n"
+              "os.chdir('/home/sandbox')")
+    assert r.ok, r.error
+    session_dir = Path(s.info()["work_dir"]).parent
+    manager.close("deep")
+    assert not session_dir.exists()
+    manager.gc()

@@ -302,6 +302,7 @@ class SessionMagics(Magics):
                     _show_output(payload, policy)
                 else:
                     prompt, password, answer = payload
+                    prompt = shown(prompt)  # the sandbox's text, on the user's terminal
                     answer.put(getpass.getpass(prompt) if password else input(prompt))
             while not events.empty():
                 kind, payload = events.get()

@@ -49,7 +49,7 @@ from .errors import (
 )
 from .paths import SessionLayout
 from .replay import plan_replay
-from .report_schema import capture_report, load_report
+from .report_schema import MAX_REPORT_BYTES, ReportInvalid, capture_report, load_report
 from .sandbox import identity, supervisor
 from .sandbox.launcher import INSIDE_KERNEL, INSIDE_SNAPSHOTS, INSIDE_VIEWS
 from .shown import shown
@@ -175,6 +175,21 @@ class ResumeReport:
         for name, why in self.lost.items():
             lines.append(f"could not restore {shown(name)}: {shown(why)}")
         return "\n".join(lines)
+
+
+def _names_present(value: Any, asked: set[str]) -> list[str]:
+    """The kernel's answer to "which of these names are defined", taken as hostile text:
+    bounded, parsed as JSON (never evaluated), and only names that were asked about."""
+    try:
+        text = value["data"]["text/plain"] if value.get("status") == "ok" else ""
+        if not isinstance(text, str) or len(text) > 2 * sum(len(n) + 4 for n in asked) + 64:
+            return []
+        names = json.loads(ast.literal_eval(text) if text[:1] in "'\"" else text)
+    except (ValueError, TypeError, KeyError, AttributeError, SyntaxError, RecursionError,
+            MemoryError):
+        return []
+    return [n for n in names if isinstance(n, str) and n in asked] if isinstance(
+        names, list) else []
 
 
 def _requested(variables: dict[str, Any], names: Iterable[str], shown: dict[str, str]
@@ -532,13 +547,29 @@ class LifecycleMixin:
         return SnapshotDir(base=WorkDir(base), name=name, inside=f"{inside_base}/{name}",
                            staging=staging / name, views=views)
 
+    async def _run_snapshot(self, request: dict[str, Any]) -> Any:
+        """Run a capture, load or restore in the kernel, within ``snapshot_timeout``: the
+        code there can be replaced by the notebook's (a shadowed ``exec`` that sleeps), and
+        a pause, above all one by the lease with no client, must not wait for ever."""
+        return await self._run_internal(request_code(request),
+                                        timeout=self.manager.snapshot_timeout or None)
+
     async def _run_internal(self, code: str, check: bool = True,
-                            expressions: dict[str, str] | None = None) -> Any:
+                            expressions: dict[str, str] | None = None,
+                            timeout: float | None = None) -> Any:
         """Run code of ours: silent, out of the history, not an artifact-producing run."""
-        reply, result = await self.execute(  # type: ignore[attr-defined]
-            {"code": code, "silent": True, "store_history": False,
-             "user_expressions": expressions or {}, "allow_stdin": False,
-             "stop_on_error": False}, record=False, gate=False)
+        try:
+            reply, result = await asyncio.wait_for(self.execute(  # type: ignore[attr-defined]
+                {"code": code, "silent": True, "store_history": False,
+                 "user_expressions": expressions or {}, "allow_stdin": False,
+                 "stop_on_error": False}, record=False, gate=False), timeout)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await self.interrupt()  # type: ignore[attr-defined]
+            raise SandboxError(
+                f"session {self.name!r}: saving or loading its state took longer than "
+                f"{timeout:g} s (SessionManager.snapshot_timeout) and was interrupted; the "
+                "session keeps running") from None
         if check and not result.ok:
             raise SandboxError(f"session {self.name!r}: the sandbox could not save or load its "
                                f"state: {result.error['ename']}: {result.error['evalue']}")
@@ -548,10 +579,10 @@ class LifecycleMixin:
     def _read_report(self, snap: SnapshotDir) -> dict[str, Any]:
         try:
             with snap.base.open_file((snap.name, REPORT)) as (fd, st):
-                if st.st_size > 64 << 20:
+                if st.st_size > MAX_REPORT_BYTES:
                     raise SandboxError("the sandbox's snapshot report is implausibly large")
                 return json.loads(os.pread(fd, st.st_size, 0))
-        except (OSError, ValueError, UnsafePath) as exc:
+        except (OSError, ValueError, UnsafePath, RecursionError) as exc:
             raise SandboxError(f"session {self.name!r}: no usable snapshot report ({exc})"
                                ) from None
 
@@ -588,8 +619,8 @@ class LifecycleMixin:
         snap = self._snapshot_dir(in_memory_bytes=self._capture_estimate())
         started = time.perf_counter()
         storing: dict[str, concurrent.futures.Future[FileRecord]] = {}
-        capturing = asyncio.ensure_future(self._run_internal(request_code(
-            {"op": "capture", "dir": snap.inside, "timeout": self.manager.variable_timeout})))
+        capturing = asyncio.ensure_future(self._run_snapshot(
+            {"op": "capture", "dir": snap.inside, "timeout": self.manager.variable_timeout}))
         try:
             # Each file goes into the store as soon as the kernel has written it, while
             # the kernel pickles and writes the next: the two take about as long.
@@ -600,6 +631,13 @@ class LifecycleMixin:
             captured = time.perf_counter()
             report = capture_report(self._read_report(snap))
             names = [f for v in report["variables"].values() for f in v["files"]]
+            with snap.base.directory((snap.name,)) as fd:
+                written = set(os.listdir(fd))
+            unwritten = [f for f in names if f not in storing and f not in written]
+            if unwritten:  # nothing is stored for names the kernel never wrote
+                raise ReportInvalid(f"the sandbox's snapshot report is not valid (it names "
+                                    f"{len(unwritten)} files the capture did not write); "
+                                    "the state was not saved, and the session keeps it")
             self._store_written(snap, storing, names)
             records = {f: await asyncio.wrap_future(storing[f]) for f in names}
             variables = {
@@ -611,7 +649,11 @@ class LifecycleMixin:
         finally:
             capturing.cancel()
             if storing:  # none may still read from the directory being removed
-                await asyncio.wait([asyncio.wrap_future(f) for f in storing.values()])
+                waited = [asyncio.wrap_future(f) for f in storing.values()]
+                await asyncio.wait(waited)
+                for f in waited:  # retrieved: a failure is the capture's, not a log line each
+                    if not f.cancelled():
+                        f.exception()
             snap.remove()
         stats = {"capture_seconds": round(captured - started, 6),
                  "store_seconds": round(time.perf_counter() - captured, 6)}
@@ -746,9 +788,9 @@ class LifecycleMixin:
             missing = {**manifest["skipped"], **loaded["failed"]}
             clobbered = await self._replay_missing(cp, missing, report)
             if clobbered:  # replayed cells overwrote restored variables: load them again
-                await self._run_internal(request_code({
+                await self._run_snapshot({
                     "op": "load", "dir": snap.inside,
-                    "variables": _requested(variables, clobbered & variables.keys(), shown)}))
+                    "variables": _requested(variables, clobbered & variables.keys(), shown)})
         finally:
             snap.remove()
         self.manager.registry.renew(self.id)
@@ -779,10 +821,10 @@ class LifecycleMixin:
                 await self._relaunch(relaunch)
             shown = dict(await exporting_early)
             asked = _requested(variables, early, shown)
-            await self._run_internal(request_code({
+            await self._run_snapshot({
                 "op": "restore", "dir": snap.inside, "imports": manifest["imports"],
                 "variables": asked,
-                "execution_count": manifest["execution_count"], "reset": reset}))
+                "execution_count": manifest["execution_count"], "reset": reset})
             loaded = load_report(self._read_report(snap), {*asked, *manifest["imports"]})
         finally:
             await asyncio.wait([exporting])
@@ -791,8 +833,8 @@ class LifecycleMixin:
         shown.update(exporting.result())
         if late:
             asked = _requested(variables, late, shown)
-            await self._run_internal(request_code({
-                "op": "load", "dir": snap.inside, "variables": asked}))
+            await self._run_snapshot({
+                "op": "load", "dir": snap.inside, "variables": asked})
             more = load_report(self._read_report(snap), set(asked))
             loaded["restored"] += more["restored"]
             loaded["failed"].update(more["failed"])
@@ -809,11 +851,9 @@ class LifecycleMixin:
         present: list[str] = []
         if names:
             probe = await self._run_internal(
-                "", expressions={"present": f"[n for n in {names!r} "
-                                            "if n in get_ipython().user_ns]"})
-            value = probe.expressions.get("present", {})
-            if value.get("status") == "ok":
-                present = ast.literal_eval(value["data"]["text/plain"])
+                "", expressions={"present": f"__import__('json').dumps([n for n in {names!r} "
+                                            "if n in get_ipython().user_ns])"})
+            present = _names_present(probe.expressions.get("present", {}), set(names))
         for name in names:
             if name in present and name in plan.rebuilds:
                 report.replayed[name] = plan.rebuilds[name]

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -111,6 +110,10 @@ class SessionManager(LoggingConfigurable):
         config=True)
     variable_timeout = Float(
         60.0, help="Seconds one variable may take to pickle before a pause skips it (0: no bound)."
+    ).tag(config=True)
+    snapshot_timeout = Float(
+        900.0, help="Seconds a capture, load or restore may take in the kernel before it is "
+        "interrupted and the pause, checkpoint or resume fails (0: no bound)."
     ).tag(config=True)
     auto_checkpoint = Bool(
         False, help="Take a checkpoint after every cell run through the API or the kernel."
@@ -317,12 +320,12 @@ class SessionManager(LoggingConfigurable):
             for entry in SHM_ROOT.iterdir():
                 row = self.registry.session(entry.name.removesuffix(".staging"))
                 if row is not None and row["status"] == "closed":
-                    shutil.rmtree(entry, ignore_errors=True)
+                    remove_tree(entry)
         sessions = Path(self.home) / "sessions"
         if sessions.is_dir():
             for entry in sessions.iterdir():
                 if entry.is_dir() and self.registry.session(entry.name) is None:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    remove_tree(entry)
                     removed.append(f"sessions/{entry.name}")
         return removed
 
@@ -694,12 +697,13 @@ class SessionManager(LoggingConfigurable):
         pid = self._supervisor_pid(row)
         if pid is not None:
             await _stop_process(pid, self.close_timeout)
-        identity.release(Path(row["session_dir"]))
-        shutil.rmtree(row["session_dir"], ignore_errors=True)
+        held = identity.load(Path(row["session_dir"]))
+        if remove_tree(Path(row["session_dir"])):  # its uid is free once its files are gone
+            identity.release(Path(row["session_dir"]), held)
         shm = SessionLayout(Path(row["session_dir"])).snapshots
         if shm is not None:
-            shutil.rmtree(shm, ignore_errors=True)
-            shutil.rmtree(shm.with_name(shm.name + ".staging"), ignore_errors=True)
+            remove_tree(shm)
+            remove_tree(shm.with_name(shm.name + ".staging"))
         for checkpoint in self.registry.checkpoints(row["id"]):  # their content may be gc'd now
             manifest = checkpoint["manifest"]
             for v in manifest["variables"].values():
@@ -792,6 +796,18 @@ class AsyncSessionManager(SessionManager):
 
     async def close(self, key: str) -> None:  # type: ignore[override]
         await self._async_close(key)
+
+
+def remove_tree(path: Path) -> bool:
+    """Remove a session's directory tree, whatever the sandbox made of it; True when it is
+    gone. coreutils' rm walks by descriptors and never follows a link; shutil.rmtree
+    (Python 3.11) recurses, and a chain of 1,500 directories raised RecursionError out of
+    close() and every later gc(). Called once the session's sandbox has stopped."""
+    if not os.path.lexists(path):
+        return True
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=600, check=False)
+    return not os.path.lexists(path)
 
 
 def _launch_plan(session_dir: Path) -> dict[str, Any]:

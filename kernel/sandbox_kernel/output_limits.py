@@ -94,8 +94,16 @@ class KeptOutputs:
                 "still saw them as they came]")
 
 
+#: What a container costs in this process beyond its items (an empty list or dict is 56-64
+#: bytes in CPython), and each item's slot: ``[[]] * N`` arrives as 3 bytes an item and
+#: is held as about 64, so it must be counted as such (it was counted as nothing).
+_CONTAINER_BYTES = 64
+_SLOT_BYTES = 8
+
+
 def output_size(out: dict[str, Any]) -> int:
-    """A stream's characters; for other outputs, every string's and value's size."""
+    """What an output holds in memory, about: a stream's characters; for other outputs,
+    every string's and value's size, and every container's and its slots'."""
     if out["output_type"] == "stream":
         return len(out["text"])
     size, stack = 0, [out]
@@ -104,9 +112,11 @@ def output_size(out: dict[str, Any]) -> int:
         if isinstance(item, str | bytes | bytearray | memoryview):
             size += len(item)
         elif isinstance(item, dict):
+            size += _CONTAINER_BYTES + 2 * _SLOT_BYTES * len(item)
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
+            size += _CONTAINER_BYTES + _SLOT_BYTES * len(item)
             stack.extend(item)
         else:
             size += 8  # numbers, booleans, None

@@ -21,6 +21,10 @@ from .errors import SandboxError
 #: What a report may hold at most: generous for real notebooks, small for the host.
 MAX_VARIABLES = 200_000
 MAX_BUFFERS = 10_000
+#: Files one capture may name in all: each becomes a store task on the host.
+MAX_FILES = 200_000
+#: The largest report file the host reads.
+MAX_REPORT_BYTES = 16 << 20
 MAX_TEXT = 1000
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PICKLERS = ("pickle", "cloudpickle")
@@ -70,6 +74,7 @@ def capture_report(data: Any) -> dict[str, Any]:
     data = _mapping(data, "the report", 16)
     variables: dict[str, Any] = {}
     seen: set[int] = set()
+    named = 0
     for name, entry in _mapping(data.get("variables"), "variables").items():
         _name(name, "a variable")
         entry = _mapping(entry, f"variable {name}", 16)
@@ -84,6 +89,9 @@ def capture_report(data: Any) -> dict[str, Any]:
         if index in seen or files != capture_files(index, len(files) - 1):
             raise _fail(f"the files of {name} are not the names a capture writes")
         seen.add(index)
+        named += len(files)
+        if named > MAX_FILES:
+            raise _fail(f"it names more than {MAX_FILES} files")
         pickler = entry.get("pickler")
         if pickler not in _PICKLERS:
             raise _fail(f"the pickler of {name} is not one of {', '.join(_PICKLERS)}")

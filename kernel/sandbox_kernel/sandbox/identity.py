@@ -16,10 +16,12 @@ Standard library only: the supervisor imports the names it needs from here.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +67,55 @@ def _claim_dir() -> Path | None:
 
 
 def _claim_is_stale(path: Path) -> bool:
-    """A claim whose session directory is gone (deleted state, a test's home) frees its uid."""
+    """A claim whose session directory is gone (deleted state, a test's home) and whose uid
+    no process runs as (a supervisor can outlive its deleted directory) frees its uid."""
     try:
         holder = json.loads(path.read_text())
-        return not Path(holder["session_dir"]).is_dir()
+        gone = not Path(holder["session_dir"]).is_dir()
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    return gone and not _uid_in_use(int(path.name))
+
+
+def _uid_in_use(uid: int) -> bool:
+    """Whether any process runs as ``uid`` (its real uid), by /proc."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        if int(line.split()[1]) == uid:
+                            return True
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def _subordinate_ranges() -> list[tuple[int, int]]:
+    """The uid ranges /etc/subuid gives to accounts' user namespaces: never handed out."""
+    ranges = []
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/subuid").read_text().splitlines():
+            parts = line.split(":")
+            with contextlib.suppress(ValueError, IndexError):
+                ranges.append((int(parts[1]), int(parts[1]) + int(parts[2])))
+    return ranges
+
+
+@contextlib.contextmanager
+def _claims_locked(claims: Path) -> Iterator[None]:
+    """One claimer at a time, machine-wide: checking a claim stale and taking its uid over
+    is two steps, and two managers must not both take the same uid."""
+    fd = os.open(claims.parent / "uids.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def claim(session_dir: Path, session_id: str) -> Identity:
@@ -89,21 +134,26 @@ def claim(session_dir: Path, session_id: str) -> Identity:
         start = int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=8).digest(),
                                "big") % UID_COUNT
         record = json.dumps({"session_dir": str(session_dir), "session": session_id}).encode()
-        for step in range(UID_COUNT):
-            uid = UID_BASE + (start + step) % UID_COUNT
-            path = claims / str(uid)
-            if path.exists() and _claim_is_stale(path):
-                path.unlink(missing_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(record)
-            ident = Identity(uid, uid, separate=True)
-            break
-        else:  # pragma: no cover - a million live sessions
-            raise OSError("no free sandbox uid left")
+        subordinate = _subordinate_ranges()
+        with _claims_locked(claims):
+            for step in range(UID_COUNT):
+                uid = UID_BASE + (start + step) % UID_COUNT
+                if any(low <= uid < high for low, high in subordinate):
+                    continue
+                path = claims / str(uid)
+                if path.exists() and _claim_is_stale(path):
+                    path.unlink(missing_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o600)
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "wb") as f:
+                    f.write(record)
+                ident = Identity(uid, uid, separate=True)
+                break
+            else:  # pragma: no cover - a million live sessions
+                raise OSError("no free sandbox uid left")
     work = session_dir / "work"
     if work.is_dir() and any(work.iterdir()):
         hand_over_tree(work, ident)
@@ -127,10 +177,10 @@ def load(session_dir: Path) -> Identity | None:
     return Identity(uid, gid, bool(separate))
 
 
-def release(session_dir: Path) -> None:
-    """Give a closed session's uid back (its files keep the number; nobody else runs as it
-    until the claim is gone, which is now)."""
-    ident = load(session_dir)
+def release(session_dir: Path, ident: Identity | None = None) -> None:
+    """Give a closed session's uid back, once its files are gone (``ident``: the identity
+    read before they went, since its record goes with them)."""
+    ident = ident or load(session_dir)
     if ident is None or not ident.separate:
         return
     path = CLAIMS / str(ident.uid)
@@ -143,12 +193,13 @@ def gc_claims() -> int:
     """Remove claims whose session directory is gone (a state directory deleted without
     closing its sessions); how many. Their uids are free again either way (see claim)."""
     removed = 0
-    if os.geteuid() != 0 or not CLAIMS.is_dir():
+    if os.geteuid() != 0 or _claim_dir() is None:
         return removed
-    for path in CLAIMS.iterdir():
-        if _claim_is_stale(path):
-            path.unlink(missing_ok=True)
-            removed += 1
+    with _claims_locked(CLAIMS):
+        for path in CLAIMS.iterdir():
+            if _claim_is_stale(path):
+                path.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 

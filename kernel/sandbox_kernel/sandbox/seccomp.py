@@ -118,6 +118,11 @@ def denied_syscalls() -> list[str]:
     return sorted({name for names in DENIED.values() for name in names} | {"clone3"})
 
 
+#: Socket families that reach past the network namespace: vsock talks to the hypervisor
+#: and other guests whatever namespace the socket is made in.
+DENIED_SOCKET_FAMILIES = {"AF_VSOCK": 40}
+
+
 @functools.cache
 def build_filter() -> bytes:
     """The compiled filter (``struct sock_filter`` array) for the running machine's architecture."""
@@ -138,6 +143,8 @@ def build_filter() -> bytes:
         flt.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, request))
     for bit in UNSAFE_PERSONALITY.values():
         flt.add_rule(deny, "personality", sc.Arg(0, sc.MASKED_EQ, bit, bit))
+    for family in DENIED_SOCKET_FAMILIES.values():
+        flt.add_rule(deny, "socket", sc.Arg(0, sc.EQ, family))
     with tempfile.TemporaryFile() as out:
         flt.export_bpf(out)
         out.seek(0)
@@ -211,6 +218,7 @@ def describe(*, filter_on: bool, userns_disabled: bool) -> dict[str, object]:
         "clone_flags_denied": sorted(CLONE_NAMESPACE_FLAGS),
         "ioctls_denied": sorted(DENIED_IOCTLS),
         "personality_denied": sorted(UNSAFE_PERSONALITY),
+        "socket_families_denied": sorted(DENIED_SOCKET_FAMILIES),
         "foreign_abi": "killed (only the native architecture's system calls are allowed)",
         "userns": "disabled" if userns_disabled else "refused by the filter only",
     }
