@@ -305,3 +305,46 @@ def test_a_deep_directory_chain_does_not_break_close_or_gc(manager):
     manager.close("deep")
     assert not session_dir.exists()
     manager.gc()
+
+
+def test_a_report_naming_files_never_written_is_refused(manager):
+    s = manager.create(name="phantom")
+    r = s.run(textwrap.dedent("""
+        import builtins, json, os
+        keep = 3
+        def exec(code, g=None, l=None):
+            req = (g or {}).get('REQUEST')
+            if not isinstance(req, dict) or req.get('op') != 'capture':
+                return builtins.exec(code, g, l)
+            files = [f'v{i}.pkl' for i in range(1000)]
+            report = {'variables': {f'x{i}': {'files': [f], 'type': 't', 'size': 1,
+                                              'pickler': 'pickle'} for i, f in enumerate(files)},
+                      'imports': {}, 'skipped': {}, 'execution_count': 2}
+            with open(os.path.join(req['dir'], 'report.json'), 'w') as f:
+                f.write(json.dumps(report))
+    """))
+    assert r.ok, r.error
+    with pytest.raises(SandboxError, match="did not write"):
+        s.pause()
+    assert s.run("print(keep)").stdout.strip() == "3"
+
+
+def test_a_capture_that_never_ends_is_interrupted_after_the_snapshot_timeout(manager):
+    manager.snapshot_timeout = 2.0
+    s = manager.create(name="sleeper")
+    r = s.run(textwrap.dedent("""
+        import builtins, time
+        keep = 4
+        def exec(code, g=None, l=None):
+            req = (g or {}).get('REQUEST')
+            if isinstance(req, dict) and req.get('op') == 'capture':
+                time.sleep(3600)
+            return builtins.exec(code, g, l)
+    """))
+    assert r.ok, r.error
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match="snapshot_timeout"):
+        s.pause()
+    assert time.monotonic() - started < 60
+    assert s.info()["status"] == "running"
+    assert s.run("print(keep)").stdout.strip() == "4"
