@@ -98,6 +98,14 @@ def run_all(browser, lab: dict, notebook: str, kernel_label: str, kernel_name: s
     """Open ``notebook`` in JupyterLab, pick the kernel in its dialog, run every cell."""
     page = browser.new_page(viewport=viewport)
     page.goto(f"{lab['base']}/lab/tree/{notebook}?token={lab['token']}")
+    pick_kernel(page, notebook, kernel_label, kernel_name, dialog_shot)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    return page
+
+
+def pick_kernel(page, notebook: str, kernel_label: str, kernel_name: str,
+                dialog_shot: str | None = None) -> None:
+    """Answer the kernel dialog of ``notebook`` (just opened) and wait for its kernel."""
     page.wait_for_selector(".jp-Dialog", timeout=60_000)
     if dialog_shot:
         screenshot(page, dialog_shot)
@@ -105,10 +113,10 @@ def run_all(browser, lab: dict, notebook: str, kernel_label: str, kernel_name: s
     dialog.locator("select").select_option(label=kernel_label)
     dialog.locator("button.jp-mod-accept").click()
     page.wait_for_function(
-        "() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.name"
-        f" === '{kernel_name}'", timeout=60_000)
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    return page
+        "() => { const w = window.jupyterapp.shell.currentWidget;"
+        f" return w?.context?.path === {notebook!r}"
+        f" && w?.sessionContext?.session?.kernel?.name === {kernel_name!r}; }}",
+        timeout=60_000)
 
 
 def test_lab_runs_cells_in_the_sandbox_kernel(lab, browser):
@@ -257,3 +265,102 @@ def _around(*boxes: dict | None) -> dict:
     x1 = max(b["x"] + b["width"] for b in found) + 40
     y1 = max(b["y"] + b["height"] for b in found) + 40
     return {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}
+
+
+def run_cell(page, index: int) -> None:
+    """Run cell ``index`` of the current notebook, as Shift+Enter on it would."""
+    page.evaluate("i => { const nb = window.jupyterapp.shell.currentWidget.content;"
+                  " nb.activeCellIndex = i;"
+                  " window.jupyterapp.commands.execute('notebook:run-cell'); }", index)
+    # Not awaited: the run may wait on an input box the test answers next.
+
+
+def cell_output(page, index: int) -> str:
+    return page.locator(".jp-NotebookPanel:visible .jp-Cell").nth(index).locator(
+        ".jp-OutputArea").inner_text()
+
+
+def wait_cell_done(page, index: int, timeout: int = 120_000) -> None:
+    """Until cell ``index`` of the current notebook has an execution count (its run ended)."""
+    page.wait_for_function(
+        "i => { const m = window.jupyterapp.shell.currentWidget.content.widgets[i].model;"
+        " return typeof m.executionCount === 'number'; }", arg=index, timeout=timeout)
+
+
+def test_lab_notebook_session_lines_keep_to_its_directory_and_its_own_sessions(
+        lab, browser, kernel_home):
+    """Issue 16 in a real JupyterLab: ``%session upload`` of a file outside the notebook's
+    directory asks in the lab's input box; typing n refuses it and nothing reaches the
+    sandbox. A second notebook's ``%session list`` does not show the first one's session."""
+    from sandbox_kernel.registry import Registry
+
+    secret = short_tmpdir("sksecret-") / "secret-token.txt"
+    secret.write_text("host secret 7f3a\n")
+    _notebook(lab["root"] / "rights-a.ipynb", [
+        f"%session upload {secret} --dest secret-copy.txt",
+        "import os; print('copied:', os.path.exists('secret-copy.txt'))",
+    ])
+    _notebook(lab["root"] / "rights-b.ipynb", ["%session list"])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{lab['base']}/lab/tree/rights-a.ipynb?token={lab['token']}")
+    pick_kernel(page, "rights-a.ipynb", "Python 3 (sandbox)", "sandbox-python")
+    run_cell(page, 0)
+    box = page.locator(".jp-NotebookPanel:visible .jp-Stdin-input")
+    box.wait_for(timeout=120_000)
+    prompt = page.locator(".jp-NotebookPanel:visible .jp-Stdin-prompt").inner_text()
+    assert (f"allow %session upload to read {secret}, outside this notebook's directory? "
+            "[y/N]") in prompt, prompt
+    box.fill("n")
+    screenshot(page, "lab-session-upload-asked")
+    box.press("Enter")
+    wait_cell_done(page, 0)
+    run_cell(page, 1)
+    wait_cell_done(page, 1)
+    page.wait_for_selector(".jp-NotebookPanel:visible :text('copied: ')", timeout=60_000)
+    refused, checked = cell_output(page, 0), cell_output(page, 1)
+    assert f"%session upload: {secret}, outside this notebook's directory: not allowed" \
+        in refused, refused
+    assert "uploaded" not in refused and "7f3a" not in refused
+    assert checked.strip() == "copied: False", checked
+    screenshot(page, "lab-session-upload-refused")
+
+    # The second notebook, open beside the first with its own sandbox kernel.
+    page.evaluate("window.jupyterapp.commands.execute('docmanager:open',"
+                  " {path: 'rights-b.ipynb'})")
+    pick_kernel(page, "rights-b.ipynb", "Python 3 (sandbox)", "sandbox-python")
+    run_cell(page, 0)
+    wait_cell_done(page, 0)
+    page.wait_for_selector(".jp-NotebookPanel:visible .jp-OutputArea-output", timeout=60_000)
+    listed = cell_output(page, 0)
+    names = [s["name"] for s in Registry(Path(kernel_home) / "registry.db").sessions()]
+    a_names = [n for n in names if n.startswith("rights-a-")]
+    b_names = [n for n in names if n.startswith("rights-b-")]
+    assert a_names and b_names, names  # both notebooks have their session
+    assert b_names[0] in listed, listed
+    assert not any(n in listed for n in a_names), listed  # before issue 16: every session
+    screenshot(page, "lab-session-list-own")
+    page.close()
+
+
+def test_lab_forged_payload_does_not_change_a_cell(lab, browser):
+    """Issue 16 in a real JupyterLab: code in the sandbox asking, through a payload, to put
+    a ``%session download`` line in place of the cell changes no cell; a note says so."""
+    source = ("get_ipython().set_next_input('%session download x --to /tmp/pwned', "
+              "replace=True)\nprint('payload sent')")
+    _notebook(lab["root"] / "payload.ipynb", [source, "print('next cell')"])
+    page = run_all(browser, lab, "payload.ipynb", "Python 3 (sandbox)", "sandbox-python",
+                   viewport={"width": 1280, "height": 900})
+    page.wait_for_selector("text=next cell", timeout=120_000)
+    wait_cell_done(page, 0)
+    wait_cell_done(page, 1)
+    time.sleep(1)  # a payload is acted on when the reply comes; give it every chance
+    sources = page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.content.widgets"
+        ".map(c => c.model.sharedModel.getSource())")
+    assert sources == [source, "print('next cell')"], sources
+    assert not any("%session download" in s for s in sources[1:])
+    out = cell_output(page, 0)
+    assert "payload sent" in out and "asked to put text into the next cell; refused" in out, out
+    shot = screenshot(page, "lab-payload-refused")
+    assert shot.stat().st_size > 10_000
+    page.close()
