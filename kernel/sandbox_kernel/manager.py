@@ -265,9 +265,9 @@ class SessionManager(LoggingConfigurable):
 
     def _info(self, row: dict[str, Any]) -> dict[str, Any]:
         sdir = Path(row["session_dir"])
-        enforcement = {}
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            enforcement = json.loads((sdir / supervisor.STATE_FILE).read_text())["enforcement"]
+        state: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((sdir / supervisor.STATE_FILE).read_text())
         return {
             "id": row["id"],
             "name": row["name"],
@@ -280,9 +280,9 @@ class SessionManager(LoggingConfigurable):
             "timeout": row["timeout"],
             "tags": row["tags"],
             "limits": row["limits"],
-            "enforcement": enforcement,
+            "enforcement": state.get("enforcement", {}),
             "user": _sandbox_user(row),
-            "seccomp": _launch_plan(sdir).get("seccomp", {"filter": "off"}),
+            "seccomp": state.get("seccomp", {"filter": "off"}),
             "execution_count": row["execution_count"],
             "work_dir": str(sdir / "work"),
             "pid": row["supervisor_pid"],
@@ -808,14 +808,6 @@ def remove_tree(path: Path) -> bool:
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
                    stdin=subprocess.DEVNULL, capture_output=True, timeout=600, check=False)
     return not os.path.lexists(path)
-
-
-def _launch_plan(session_dir: Path) -> dict[str, Any]:
-    """The supervisor's plan as the manager wrote it (host-only), or {} where there is none."""
-    try:
-        return json.loads((session_dir / supervisor.PLAN_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _sandbox_user(row: dict[str, Any]) -> dict[str, Any]:

@@ -85,9 +85,6 @@ _sandbox_kernel_activate(PATHS, PINS)
 del _sandbox_kernel_activate
 """
 
-#: ipc socket suffixes used in every connection file we write.
-
-
 class _PauseInProgress(SessionBusy):
     """Another client holds the session still (pausing it); a run waits, then resumes it."""
 

@@ -138,6 +138,7 @@ class Supervisor:
                 "pid": os.getpid(),
                 "sandbox_pid": self.child.pid,
                 "enforcement": enforcement,
+                "seccomp": self.plan.get("seccomp", {"filter": "off"}),
                 "cgroups": self.cgroups.dirs,
             },
         )
