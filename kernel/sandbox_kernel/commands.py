@@ -495,7 +495,7 @@ async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
         i = s.info()
         idle = now - i["last_activity"]
         if idle > 900:
-            name = shown(i["name"])
+            name = i["name"]  # (render_insights escapes each insight)
             found.append(f"session {name} has been idle for {idle / 60:.0f} min: "
                          f"`%session pause {name}` frees its memory and keeps its state")
     return render_insights(found)

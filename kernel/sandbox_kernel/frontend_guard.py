@@ -73,9 +73,6 @@ class FrontendGuard:
             return content
         return {**content, "data": self.outputs.filter_bundle(data, self.comms.view_allowed)}
 
-    def frontend_comm(self, msg_type: str, content: dict[str, Any]) -> None:
-        """A comm message from the frontend, on its way to the sandbox (recorded, not changed)."""
-        self.comms.from_frontend(msg_type, content)
 
 
 def help_links(links: Any, schemes: list[str]) -> list[dict[str, str]]:

@@ -35,7 +35,7 @@ from . import __version__
 from .commands import CommandError, run_command, split_cell
 from .connection import unpack_message
 from .errors import ConnectionDropped, SandboxError, SessionBusy, SessionClosed, SessionDead
-from .frontend_guard import FrontendGuard, help_links
+from .frontend_guard import COMMS, FrontendGuard, help_links
 from .host_paths import HostPaths
 from .host_paths import notebook_dir as find_notebook_dir
 from .manager import AsyncSessionManager
@@ -49,7 +49,6 @@ from .widget_policy import WidgetPolicy
 #: Requests answered by the sandbox's kernel, passed through as they came.
 FORWARDED = ("complete_request", "inspect_request", "is_complete_request",
              "history_request", "comm_info_request")
-COMMS = ("comm_open", "comm_msg", "comm_close")
 _ANSI_RED = "\x1b[0;31m"
 _ANSI_RESET = "\x1b[0m"
 
@@ -262,12 +261,17 @@ class SandboxKernel(Kernel):
                                "does not take input for this cell (run it interactively)")
         parent = self.get_parent("shell")
         ident = self._get_shell_context_var(self._shell_parent_ident)
-        self._stdin_cancel.clear()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self._ask_frontend, prompt, password, ident, parent)
+            return await self._ask_in_thread(prompt, password, ident, parent)
         except InputCancelled:
             raise CommandError("%session: interrupted while waiting for your answer") from None
+
+    async def _ask_in_thread(self, prompt: str, password: bool, ident: Any,
+                             parent: dict[str, Any]) -> str:
+        """An input_request answered by the frontend, waited for off the event loop."""
+        self._stdin_cancel.clear()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self._ask_frontend, prompt, password, ident, parent)
 
     # -- kernel_info ----------------------------------------------------------
 
@@ -507,7 +511,7 @@ class SandboxKernel(Kernel):
         the comm's parent.
         """
         self._remember(parent)
-        self._guard.frontend_comm(parent["header"]["msg_type"], parent["content"])
+        self._guard.comms.from_frontend(parent["header"]["msg_type"], parent["content"])
         previous = self._comm_chain
         self._comm_chain = asyncio.ensure_future(self._send_comm(parent, previous))
 
@@ -615,9 +619,7 @@ class _CellRelay:
 
     async def ask(self, prompt: str, password: bool) -> str:
         await self.live.wait()
-        self.kernel._stdin_cancel.clear()
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self.kernel._ask_frontend, prompt, password, self.ident, self.parent)
+        return await self.kernel._ask_in_thread(prompt, password, self.ident, self.parent)
 
 
 def _fallback_reply(msg_type: str, content: dict[str, Any], exc: Exception) -> dict[str, Any]:

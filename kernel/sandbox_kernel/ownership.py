@@ -29,23 +29,27 @@ class SessionScope:
         self.key = key
         self.see_all = see_all
 
-    def owns(self, row: dict[str, Any]) -> bool:
-        """Whether the notebook may see and act on the session of ``row``."""
-        return (self.see_all or row.get("owner") == self.key
-                or self.registry.bound(self.key) == row["id"])
+    def owns(self, row: dict[str, Any], bound: str | None = None) -> bool:
+        """Whether the notebook may see and act on the session of ``row`` (``bound``: the
+        notebook's bound session, when the caller has read it already)."""
+        if self.see_all or row.get("owner") == self.key:
+            return True
+        return (bound if bound is not None else self.registry.bound(self.key)) == row["id"]
 
     def find(self, key: str) -> dict[str, Any] | None:
         """The notebook's session called ``key`` (a name or an id), or None: a session of
         that name that is not the notebook's does not hide one of its own."""
-        return next((row for row in self.registry.matches(key) if self.owns(row)), None)
+        bound = self.registry.bound(self.key)
+        return next((row for row in self.registry.matches(key) if self.owns(row, bound)),
+                    None)
 
     def visible(self, sessions: list[AsyncSession]) -> list[AsyncSession]:
-        """Those of ``sessions`` the notebook owns."""
+        """Those of ``sessions`` the notebook owns (one registry read, not one per session)."""
         if self.see_all:
             return sessions
         bound = self.registry.bound(self.key)
-        return [s for s in sessions
-                if s.id == bound or (self.registry.session(s.id) or {}).get("owner") == self.key]
+        owned = {row["id"] for row in self.registry.sessions() if row.get("owner") == self.key}
+        return [s for s in sessions if s.id == bound or s.id in owned]
 
     def claim(self, session: AsyncSession) -> None:
         """A session the notebook made (created or forked): from now on it is its own."""

@@ -245,21 +245,17 @@ class Registry:
 
     def find(self, key: str) -> dict[str, Any] | None:
         """A session by id, else the live session of that name, else the newest of that name."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM sessions WHERE id=? OR name=? "
-                "ORDER BY id=? DESC, status='closed' ASC, created DESC LIMIT 1",
-                (key, key, key),
-            ).fetchone()
-        return _decode(row)
+        rows = self.matches(key, limit=1)
+        return rows[0] if rows else None
 
-    def matches(self, key: str) -> list[dict[str, Any]]:
-        """Every session ``key`` could mean, in :meth:`find`'s order of preference."""
+    def matches(self, key: str, limit: int = -1) -> list[dict[str, Any]]:
+        """Every session ``key`` could mean (at most ``limit``), best first: the session of
+        that id, then live sessions of that name, newest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM sessions WHERE id=? OR name=? "
-                "ORDER BY id=? DESC, status='closed' ASC, created DESC",
-                (key, key, key),
+                "ORDER BY id=? DESC, status='closed' ASC, created DESC LIMIT ?",
+                (key, key, key, limit),
             ).fetchall()
         return [_decode(r) for r in rows]
 

@@ -165,8 +165,8 @@ class CommGate:
                 changed["outputs"] = outputs
         if comm.model.endswith("StyleModel"):
             for key, value in state.items():
-                if isinstance(value, str) and inert_css(value) != value:
-                    changed[key] = inert_css(value)
+                if isinstance(value, str) and (clean := inert_css(value)) != value:
+                    changed[key] = clean
         return {**state, **changed} if changed else state
 
     def _html(self, value: str) -> str:

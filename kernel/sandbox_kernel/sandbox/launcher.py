@@ -23,7 +23,13 @@ from traitlets.config import LoggingConfigurable
 from ..paths import SessionLayout
 from .identity import Identity
 from .mountns import make_stage, staged_path
-from .seccomp import SeccompUnavailable, describe, userns_can_be_disabled, write_filter
+from .seccomp import (
+    SeccompUnavailable,
+    bwrap_args,
+    describe,
+    userns_can_be_disabled,
+    write_filter,
+)
 
 #: Where the session's directories appear inside a bwrap sandbox.
 INSIDE_WORK = "/home/sandbox"
@@ -250,16 +256,15 @@ class BwrapLauncher(SandboxLauncher):
         loudly, as a host without bubblewrap runs without namespaces."""
         bwrap = shutil.which(self.bwrap) or self.bwrap
         no_userns = userns_can_be_disabled(bwrap)
-        args = ["--disable-userns"] if no_userns else []
         path = None
         if self.seccomp:
             path = str(layout.root / SECCOMP_FILE)
             try:
                 write_filter(path)
-                args += ["--seccomp", SECCOMP_FD]
             except SeccompUnavailable as exc:
                 self.log.warning("no seccomp filter for this sandbox: %s", exc)
                 path = None
+        args = bwrap_args(SECCOMP_FD if path else None, disable_userns=no_userns)
         return args, path, describe(filter_on=path is not None, userns_disabled=no_userns)
 
 

@@ -200,11 +200,12 @@ def userns_can_be_disabled(bwrap: str) -> bool:
     return result.returncode == 0
 
 
-def bwrap_args(filter_fd: int, *, disable_userns: bool) -> list[str]:
+def bwrap_args(filter_fd: int | str | None, *, disable_userns: bool) -> list[str]:
     """bubblewrap's options for the filter read from ``filter_fd`` (open in bwrap, at its
-    start) and, where supported, for disabling nested user namespaces. Anywhere among the
-    options before ``--``; ``--disable-userns`` needs ``--unshare-user``."""
-    return [*(["--disable-userns"] if disable_userns else []), "--seccomp", str(filter_fd)]
+    start; None: no filter) and, where supported, for disabling nested user namespaces.
+    Anywhere among the options before ``--``; ``--disable-userns`` needs ``--unshare-user``."""
+    return [*(["--disable-userns"] if disable_userns else []),
+            *(["--seccomp", str(filter_fd)] if filter_fd is not None else [])]
 
 
 def describe(*, filter_on: bool, userns_disabled: bool) -> dict[str, object]:
