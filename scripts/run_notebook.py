@@ -10,17 +10,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
+from traitlets.config import Config
 
 
 def run(path: Path) -> Path:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, kernel_name="sandbox-python", timeout=300,
-                            resources={"metadata": {"path": str(path.parent)}})
+    with tempfile.TemporaryDirectory(prefix="sk-demo-") as sockets:
+        # Unix sockets in a private directory, not TCP ports: ipykernel warns (rightly) that
+        # a kernel on TCP without CurveZMQ keys sends code and outputs in plain text, and
+        # this client and its kernel are on one machine, where a socket file needs no port.
+        config = Config({"KernelManager": {"transport": "ipc",
+                                           "ip": str(Path(sockets) / "kernel")}})
+        client = NotebookClient(nb, kernel_name="sandbox-python", timeout=300, config=config,
+                                resources={"metadata": {"path": str(path.parent)}})
+        _execute(client, nb, path)
+    out_path = path.with_suffix(".out.ipynb")
+    nbformat.write(nb, out_path)
+    return out_path
+
+
+def _execute(client: NotebookClient, nb: nbformat.NotebookNode, path: Path) -> None:
     env = {**os.environ, "JPY_SESSION_NAME": str(path.resolve())}
     with client.setup_kernel(env=env):
         for index, cell in enumerate(nb.cells):
@@ -36,9 +51,6 @@ def run(path: Path) -> Path:
                 elif out.get("output_type") == "display_data":
                     print(f"[{', '.join(out['data'])}]")
         run_sync(client.km.shutdown_kernel)()
-    out_path = path.with_suffix(".out.ipynb")
-    nbformat.write(nb, out_path)
-    return out_path
 
 
 def main() -> None:
