@@ -45,6 +45,23 @@ def test_create_run_list_info_close(cli):
     assert json.loads(cli("info", "work", "--json").stdout)["status"] == "closed"
 
 
+def test_list_shows_sessions_not_closed_unless_asked_for_all(cli):
+    """Closed sessions stay in the registry for their history; `list` leaves them out."""
+    assert cli("create", "kept").returncode == 0
+    assert cli("create", "gone").returncode == 0
+    assert cli("close", "gone").returncode == 0
+    names = [s["name"] for s in json.loads(cli("list", "--json").stdout)]
+    assert names == ["kept"]
+    listed = cli("list").stdout
+    assert "kept" in listed and "gone" not in listed and "closed" not in listed
+    everything = cli("list", "--all")
+    assert "gone" in everything.stdout and "closed" in everything.stdout, everything.stderr
+    assert [s["name"] for s in json.loads(cli("list", "--all", "--json").stdout)] == [
+        "kept", "gone"]
+    assert "closed ones too" in cli("list", "--help").stdout
+    cli("close", "kept")
+
+
 def test_run_from_a_file_and_errors_exit_nonzero(cli, tmp_path):
     assert cli("create", "f").returncode == 0
     script = tmp_path / "cell.py"

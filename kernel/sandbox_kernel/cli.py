@@ -30,6 +30,8 @@ from .sandbox.launcher import BwrapLauncher
 from .shown import shown, shown_stream
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: What ``list`` shows unless asked for --all or a --status: every session not closed.
+LISTED = ("starting", "running", "paused", "frozen", "dead")
 
 
 class _Command(JupyterApp):
@@ -70,16 +72,24 @@ class _Command(JupyterApp):
 
 
 class ListCommand(_Command):
-    description = "List sessions: name, id, status, language, isolation, age, last activity."
+    description = ("List the sessions that are not closed (--all: closed ones too): name, id, "
+                   "status, language, isolation, age, last activity.")
     usage = "list"
     status = Unicode(None, allow_none=True, help="Only sessions with this status.").tag(
         config=True)
     tags = List(Unicode(), help="Only sessions with all these tags.").tag(config=True)
+    include_closed = Bool(False, help="Closed sessions too (they are kept for their "
+                          "history).").tag(config=True)
     aliases = {"status": "ListCommand.status", "tag": "ListCommand.tags"}
+    flags = {**_Command.flags,
+             "all": ({"ListCommand": {"include_closed": True}}, "Closed sessions too.")}
 
     def run(self) -> None:
         self.positional(0, "")
-        infos = [s.info() for s in self.manager().list(status=self.status, tags=self.tags or None)]
+        # Closed sessions stay in the registry for their history; a list of every session
+        # ever made buries the few that can still run.
+        status = self.status or (None if self.include_closed else LISTED)
+        infos = [s.info() for s in self.manager().list(status=status, tags=self.tags or None)]
         if self.json:
             print(json.dumps(infos, indent=2))
             return
