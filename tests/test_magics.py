@@ -261,3 +261,66 @@ def test_insights_name_the_figures_they_rest_on(shell, capsys):
     magics.last_timing = {"resume": 1.5, "execute": 0.01, "total": 1.52}
     out, _ = run_line(capsys, ip, "insights")
     assert out.startswith("insight: resuming the paused session took 1.50 s")
+
+
+def test_pause_sums_up_widgets_and_resume_says_what_it_did(shell, capsys):
+    """Widgets cannot be pickled in any notebook: a pause names them in one line, not one
+    line each (the unpicklable lock keeps its own line and reason). A resume of a running
+    session says it had nothing to do (it said "resumed from checkpoint None")."""
+    ip, _, manager = shell
+    run_line(capsys, ip, "new magic-live")
+    _, err = run_cell(capsys, ip, "", (
+        "import threading\nimport ipywidgets as w\nfrom ipywidgets import interact\n"
+        "button = w.Button(description='go'); out = w.Output()\n"
+        "shown = interact(lambda n: print(n), n=(0, 100))\n"
+        "lock = threading.Lock(); data = [1, 2, 3]\n"))
+    assert err == ""
+    out, err = run_line(capsys, ip, "resume")
+    assert out == "the session is running already: nothing to resume\n", (out, err)
+    out, err = run_line(capsys, ip, "pause")
+    lines = out.splitlines()
+    assert lines[0].startswith("paused magic-live in ") and "`%session resume`" in lines[0]
+    assert lines[1:] == [
+        "not saved: lock: TypeError: cannot pickle '_thread.lock' object (a resume replays "
+        "the cells that made it)",
+        "not saved: button, out, shown: widgets and display objects live in the kernel only "
+        "(no notebook can pickle them); a resume replays the cells that made them"], out
+    out, _ = run_line(capsys, ip, "resume")
+    rebuilt = [line for line in out.splitlines() if line.startswith("rebuilt")]
+    assert rebuilt == ["rebuilt button, out, shown, lock by replaying cells [1]"], out
+    out, _ = run_cell(capsys, ip, "", "print(data, type(button).__name__, type(lock).__name__)")
+    assert out == "[1, 2, 3] Button lock\n"
+    assert manager.get_info("magic-live")["status"] == "running"
+    run_line(capsys, ip, "close magic-live")
+
+
+def test_a_failed_new_frees_its_name_and_hints_name_session_commands(shell, capsys):
+    """`%session new NAME` that fails (here: a package no index has) leaves no dead session
+    holding NAME, and every hint names the %session command to run, never the Python API
+    (get()) or the CLI (`sandbox-kernel ...`)."""
+    ip, _, manager = shell
+    installer = manager.installer
+    saved = (installer.find_links, installer.no_index, installer.offline)
+    installer.find_links, installer.no_index, installer.offline = [], True, True
+    try:
+        _, err = run_line(capsys, ip, "new magic-fail --packages skdemo-nowhere")
+    finally:
+        installer.find_links, installer.no_index, installer.offline = saved
+    assert err.startswith("%session new: the session could not be started: "), err
+    assert err.rstrip().endswith("nothing of it was kept, so `%session new magic-fail` can "
+                                 "try again"), err
+    assert [r["status"] for r in manager.registry.matches("magic-fail")] in ([], ["closed"])
+    out, err = run_line(capsys, ip, "new magic-fail")
+    assert out.startswith("new session magic-fail"), err
+    _, err = run_line(capsys, ip, "new magic-fail")
+    assert "session magic-fail already exists" in err
+    assert "`%session use magic-fail` makes it current" in err
+    _, err = run_line(capsys, ip, "use ghost")
+    assert err.strip() == "%session: no session 'ghost'; `%session list` shows the sessions"
+    run_cell(capsys, ip, "", "import os; os._exit(3)")  # the sandbox's kernel dies
+    _, err = run_cell(capsys, ip, "", "print('still there?')")
+    assert "session 'magic-fail' is dead" in err and "`%session close magic-fail`" in err, err
+    for said in (err, *(run_line(capsys, ip, line)[1] for line in ("new magic-fail",
+                                                                   "use ghost"))):
+        assert "sandbox-kernel" not in said and "get(" not in said, said
+    run_line(capsys, ip, "close magic-fail")

@@ -38,6 +38,7 @@ from sandbox_kernel.commands import (
     CommandError,
     CommandOutput,
     _with_usage,
+    in_session_words,
     parse_args,
     report_text,
     run_command,
@@ -196,7 +197,9 @@ class SessionMagics(Magics):
             else:
                 self._run_cell(line, cell)
         except (SandboxError, UsageError) as exc:
-            message = shown(exc)  # one line, whatever sandbox text the error quotes
+            # One line, whatever sandbox text the error quotes, and its next step as the
+            # %session command to run (a %%session cell's errors come from the session).
+            message = shown(in_session_words(exc))
             print(message if message.startswith("%session") else f"%session: {message}",
                   file=sys.stderr)
 

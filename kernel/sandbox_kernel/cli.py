@@ -22,7 +22,7 @@ from typing import Any
 from jupyter_core.application import JupyterApp
 from traitlets import Bool, Float, Int, List, Unicode
 
-from .commands import ago, report_text
+from .commands import ago, not_saved, report_text
 from .errors import SandboxError
 from .manager import SessionManager
 from .packages import PackageInstaller
@@ -230,9 +230,8 @@ class PauseCommand(_Command):
         if out["status"] == "paused":
             line += f" (checkpoint {out['checkpoint']}, {out['size']} bytes of variables)"
         print(line)
-        for name, why in out.get("skipped", {}).items():
-            print(f"not saved: {shown(name)}: {shown(why)} "
-                  "(a resume replays the cells that made it)")
+        for note in not_saved(out.get("skipped", {})):
+            print(note)
 
 
 class ResumeCommand(_Command):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import re
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .errors import SandboxError
+from .errors import NameTaken, SandboxError, SessionClosed, SessionDead, SessionNotFound
 from .limits import format_size
 from .shown import shown
 from .timing import run_insights, transfer_insights
@@ -125,7 +126,13 @@ async def run_command(ctx: CommandContext, line: str) -> CommandOutput:
         raise CommandError(f"%session: unknown command {name!r}; commands: "
                            f"{', '.join(COMMANDS)} (`%session help` explains them)")
     args = parse_args(func, line.strip()[len(name):], f"see `%session help {name}`")
-    return await func(ctx, args)
+    try:
+        return await func(ctx, args)
+    except SandboxError as exc:
+        reworded = in_session_words(exc)
+        if reworded is exc:
+            raise
+        raise reworded from None
 
 
 def parse_args(func: Any, text: str, hint: str) -> Any:
@@ -204,17 +211,94 @@ def _claim(ctx: CommandContext, session: AsyncSession) -> None:
 @argument("--packages", nargs="+", default=None, metavar="PKG", help="packages to install")
 async def new(ctx: CommandContext, args: Any) -> CommandOutput:
     """Create a session and make it the current one."""
-    session = await ctx.manager._async_create(
-        name=args.name or ctx.default_name(),
-        language=args.language or getattr(ctx, "default_language", lambda: None)(),
-        template=args.template,
-        timeout=args.timeout, packages=args.packages, wait=False)
+    name = args.name or ctx.default_name()
+    began = time.time()
+    try:
+        session = await ctx.manager._async_create(
+            name=name, language=args.language or getattr(ctx, "default_language", lambda: None)(),
+            template=args.template, timeout=args.timeout, packages=args.packages, wait=False)
+    except NameTaken as exc:
+        raise CommandError(_name_taken(ctx, exc.name)) from None
+    except Exception as exc:
+        if not await _drop_unborn(ctx, name, began):
+            raise
+        again = f"`%session new {shown(name)}`" if name else "`%session new`"
+        raise CommandError(f"%session new: the session could not be started: {shown(exc)}; "
+                           f"nothing of it was kept, so {again} can try again") from None
     _claim(ctx, session)
     await ctx.use(session)
     info = session.info()
     return CommandOutput(f"new session {shown(info['name'])} ({info['id']}) is starting and is now "
                          "current; variables of the previous session are not carried over",
                          data=info)
+
+
+async def _drop_unborn(ctx: CommandContext, name: str | None, since: float) -> bool:
+    """Close what a failed create left: a dead session that never ran a cell, made since
+    ``since`` under ``name`` (or, unnamed, under its own id). The manager keeps such a
+    session for a look at its log, and so it held the name: the next `%session new NAME`
+    was refused. Whether any was closed."""
+    dropped = False
+    for row in ctx.manager.registry.sessions(status="dead"):
+        ours = row["name"] == name if name else row["name"] == row["id"]
+        if ours and row["created"] >= since and not row["execution_count"]:
+            await ctx.manager._async_close(row["id"])
+            dropped = True
+    return dropped
+
+
+def _name_taken(ctx: CommandContext, name: str) -> str:
+    """Why `%session new NAME` was refused, and the %session command to run instead."""
+    shown_name = shown(name)
+    scope = ctx.scope
+    row = ctx.manager.registry.find(name) if scope is None else scope.find(name)
+    if row is None:  # another notebook's: its state is not this notebook's to know
+        return (f"%session new: the name {shown_name!r} is taken; choose another, or "
+                "`%session new` without a name picks a free one")
+    status = shown(row["status"])
+    if row["status"] == "dead":
+        return (f"%session new: session {shown_name} already exists and is dead "
+                f"({shown(row['reason'] or 'reason unknown')}); `%session resume {shown_name}` "
+                f"starts it again if it has a checkpoint, `%session close {shown_name}` frees "
+                "the name")
+    return (f"%session new: session {shown_name} already exists ({status}); `%session use "
+            f"{shown_name}` makes it current, `%session close {shown_name}` frees the name")
+
+
+#: A hint naming a CLI command that %session has too, with the same arguments.
+_CLI_HINT = re.compile(r"`sandbox-kernel (close|list|pause|resume)((?: [^`\s]+)*)`")
+
+
+def in_session_words(exc: BaseException) -> BaseException:
+    """``exc`` with its next step said as the %session command to run. The manager's errors
+    name the Python API and the CLI (``get()``, ``sandbox-kernel close``), which is not what
+    someone at a notebook types. Same class and attributes; only the message is new."""
+    message: str | None = None
+    if isinstance(exc, NameTaken):
+        message = (f"a session named {shown(exc.name)!r} already exists; `%session use "
+                   f"{shown(exc.name)}` makes it current, or choose another name")
+    elif isinstance(exc, SessionNotFound):
+        message = f"no session {shown(exc.key)!r}; `%session list` shows the sessions"
+    elif isinstance(exc, SessionClosed):
+        message = f"session {shown(exc.key)!r} is closed; `%session new` starts a fresh one"
+    elif isinstance(exc, SessionDead):
+        key = shown(exc.key)
+        why = shown(exc.reason or "reason unknown")
+        if exc.checkpoint is None:
+            then = f"`%session close {key}`, then `%session new`, starts afresh"
+        else:
+            then = (f"`%session resume {key}` starts it again from its checkpoint "
+                    f"{exc.checkpoint} and replays the cells run since; `%session close "
+                    f"{key}` ends it")
+        message = f"session {key!r} is dead ({why}); {then}"
+    elif isinstance(exc, SandboxError) and _CLI_HINT.search(str(exc)):
+        message = _CLI_HINT.sub(r"`%session \1\2`", str(exc))  # the same verbs and NAME
+    if message is None:
+        return exc
+    reworded = type(exc).__new__(type(exc))
+    reworded.__dict__.update(exc.__dict__)
+    reworded.args = (message,)
+    return reworded
 
 
 @command
@@ -270,10 +354,28 @@ async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
     name = shown(session.name)
     if out.get("already"):
         return CommandOutput(f"{name} is already {out['status']}", data=out)
-    lines = [f"{out['status']} {name} in {out['timing']['total']:.2f} s"]
-    lines += [f"not saved: {shown(n)}: {shown(why)} (resume replays the cells that made it)"
-              for n, why in out.get("skipped", {}).items()]
+    lines = [f"{out['status']} {name} in {out['timing']['total']:.2f} s; "
+             "`%session resume` or the next cell run in it brings it back"]
+    lines += not_saved(out.get("skipped", {}))
     return CommandOutput("\n".join(lines), data=out)
+
+
+def not_saved(skipped: dict[str, str]) -> list[str]:
+    """What a pause could not save, for the person who paused: a line for each variable that
+    failed to pickle, and one line for all the widgets and display objects, which no
+    notebook can pickle (a line each for them was noise on every pause of a notebook with
+    a slider). A resume replays the cells that made either kind."""
+    from .snapshot import LIVE_OBJECT
+
+    lines = [f"not saved: {shown(n)}: {shown(why)} (a resume replays the cells that made it)"
+             for n, why in skipped.items() if why != LIVE_OBJECT]
+    live = [shown(n) for n, why in skipped.items() if why == LIVE_OBJECT]
+    if live:
+        names = ", ".join(live[:6]) + (f" and {len(live) - 6} more" if len(live) > 6 else "")
+        lines.append(f"not saved: {names}: widgets and display objects live in the kernel "
+                     "only (no notebook can pickle them); a resume replays the cells that "
+                     "made them")
+    return lines
 
 
 @command

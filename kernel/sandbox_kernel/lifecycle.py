@@ -166,12 +166,17 @@ class ResumeReport:
     def __str__(self) -> str:
         if self.thawed:
             return "resumed from freeze: memory was kept, nothing to restore"
+        if self.checkpoint is None:  # neither paused, frozen nor dead: nothing was done
+            return "the session is running already: nothing to resume"
         lines = [f"restored {len(self.restored)} variables and {len(self.imports)} imports "
                  f"from checkpoint {self.checkpoint}"] if self.restored or self.imports else [
                  f"resumed from checkpoint {self.checkpoint}"]
         # Names and reasons come from the sandbox: each is escaped on its own (see shown).
+        by_cells: dict[str, list[str]] = {}  # one line per replay, not per variable it made
         for name, cells in self.replayed.items():
-            lines.append(f"rebuilt {shown(name)} by replaying cells {cells}")
+            by_cells.setdefault(str(cells), []).append(shown(name))
+        for cells, names in by_cells.items():
+            lines.append(f"rebuilt {', '.join(names)} by replaying cells {cells}")
         for name, why in self.lost.items():
             lines.append(f"could not restore {shown(name)}: {shown(why)}")
         return "\n".join(lines)

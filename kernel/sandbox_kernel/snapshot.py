@@ -29,6 +29,14 @@ import types
 from typing import Any
 
 REPORT = "report.json"
+#: How a capture names what a notebook cannot pickle by design: widgets (their comm ties
+#: them to this kernel and a frontend) and the shell and display machinery. Every notebook
+#: with a slider has some, so the host sums them up in one line instead of one per name
+#: (``commands.not_saved``); a resume replays the cells that made them, like any other.
+LIVE_OBJECT = "a widget or display object, which lives in this kernel only"
+#: Packages whose objects are live in that sense (checked along the type's MRO, so the
+#: widgets of other libraries, built on ipywidgets', count too).
+_LIVE_PACKAGES = ("ipywidgets", "comm", "ipykernel", "IPython")
 
 
 class _TooSlow(Exception):
@@ -85,6 +93,21 @@ def _user_variables(shell: Any) -> dict[str, Any]:
     }
 
 
+def _live(value: Any) -> bool:
+    """Whether ``value`` is a widget or a piece of the kernel's display machinery, or a
+    function ``interact`` made into one (it carries its widget in ``.widget``)."""
+    if isinstance(value, types.FunctionType | types.MethodType):
+        value = getattr(value, "widget", None)
+        if value is None:
+            return False
+    try:
+        mro = type(value).__mro__
+    except AttributeError:
+        return False
+    return any(str(getattr(t, "__module__", "") or "").split(".")[0] in _LIVE_PACKAGES
+               for t in mro)
+
+
 def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, Any]:
     by_value = _cloudpickle()
     report: dict[str, Any] = {"variables": {}, "imports": {}, "skipped": {},
@@ -113,7 +136,7 @@ def capture(shell: Any, out_dir: str, per_variable_timeout: float) -> dict[str, 
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 reason = f"{type(exc).__name__}: {exc}".strip()
-                report["skipped"][name] = reason[:300]
+                report["skipped"][name] = LIVE_OBJECT if _live(value) else reason[:300]
                 continue
             files = [f"v{index}.pkl"] + [f"v{index}.b{i}" for i in range(len(raws))]
             for file, blob in zip(files, [data, *raws], strict=True):
