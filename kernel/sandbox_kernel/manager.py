@@ -55,6 +55,7 @@ from .registry import LIVE_STATUSES, Registry, lease_clock, lease_left
 from .sandbox import identity, supervisor
 from .sandbox.launcher import LAYERS_ENV, BwrapLauncher, SandboxLauncher
 from .session import AsyncSession, Session
+from .source_builds import SourceBuilder
 from .store import ContentStore
 from .trust import is_trusted
 from .workdir import relative_parts
@@ -145,7 +146,8 @@ class SessionManager(LoggingConfigurable):
 
     @default("installer")
     def _installer_default(self) -> PackageInstaller:
-        return PackageInstaller(Path(self.home), self.registry, parent=self)
+        builder = SourceBuilder(Path(self.home), self.bwrap_launcher, parent=self)
+        return PackageInstaller(Path(self.home), self.registry, parent=self, builder=builder)
 
     @default("bwrap_launcher")
     def _bwrap_launcher_default(self) -> BwrapLauncher:

@@ -16,7 +16,10 @@ bound into it read-only.
 
 Only wheels are installed (``--no-build`` for resolution and install): a
 source distribution's build backend is arbitrary code, and uv would run it
-here, on the host, as the manager's user, outside the sandbox.
+here, on the host, as the manager's user, outside the sandbox. A package
+with no wheel is refused, unless the operator opts in to source builds: then
+its wheel is built in a one-shot sandbox with no network (``source_builds``)
+and uv takes it from there like any other wheel.
 """
 
 from __future__ import annotations
@@ -34,19 +37,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from traitlets import Bool, Float, List, Unicode, default
+from traitlets import Bool, Float, Instance, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .errors import InvalidArgument, SandboxError
+from .errors import SandboxError
 from .registry import Registry
+from .requirements import merge_specs, parse_requirements
+from .sdists import PYPI, SdistUnavailable, find_sdist
+from .source_builds import SourceBuilder, SourceBuildFailed
 
+T = TypeVar("T")
 _COMPLETE = ".complete"  # written last: a layer without it is half-built and never used
 _COMPILED = ".compiled"  # written when the layer's bytecode has been compiled
 _COMPILING = ".compiling"  # locked by the layer's compiler while it runs
@@ -134,7 +141,12 @@ class InstallFailed(SandboxError):
 
 
 class SourceBuildRefused(InstallFailed):
-    """A package would have to be built from source, which runs its code on the host."""
+    """A package would have to be built from source, which is off (or did not help)."""
+
+    def __init__(self, message: str, package: str | None = None):
+        super().__init__(message)
+        #: The package uv found no wheel for, when its message says.
+        self.package = package
 
 
 @dataclass
@@ -149,6 +161,8 @@ class InstallResult:
     cache_hit: bool = True
     restart_needed: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    #: Packages whose wheels this install built from source, in a sandbox.
+    built_from_source: list[str] = field(default_factory=list)
 
     @property
     def insights(self) -> list[str]:
@@ -167,40 +181,6 @@ class InstallResult:
         if self.restart_needed:
             text += ("; restart needed, already imported: " + ", ".join(self.restart_needed))
         return text
-
-
-def parse_requirements(specs: Iterable[str], allow_direct: bool = False) -> list[Requirement]:
-    """Accept requirement strings only: no options, files, URLs or paths (unless allowed)."""
-    if isinstance(specs, str):
-        specs = [specs]
-    out = []
-    for spec in specs:
-        if not isinstance(spec, str) or not spec.strip():
-            raise InvalidArgument(f"not a package requirement: {spec!r}")
-        text = spec.strip()
-        if text.startswith("-"):
-            raise InvalidArgument(
-                f"{spec!r} looks like a command-line option; give package requirements only "
-                "(index settings are configuration: PackageInstaller.index_url, find_links, …)"
-            )
-        if any(c in text for c in "\n\r\0") or re.search(r"\s-{1,2}[a-z]", text):
-            raise InvalidArgument(f"{spec!r} is not a single package requirement")
-        if not allow_direct and (text.startswith((".", "/", "~")) or "://" in text):
-            raise InvalidArgument(
-                f"{spec!r} is a path or URL; installing from those is off "
-                "(PackageInstaller.allow_direct_references)"
-            )
-        try:
-            req = Requirement(text)
-        except InvalidRequirement as exc:
-            raise InvalidArgument(f"{spec!r} is not a valid requirement: {exc}") from None
-        if req.url and not allow_direct:
-            raise InvalidArgument(
-                f"{spec!r} names a URL; installing from URLs is off "
-                "(PackageInstaller.allow_direct_references)"
-            )
-        out.append(req)
-    return out
 
 
 class PackageInstaller(LoggingConfigurable):
@@ -235,10 +215,14 @@ class PackageInstaller(LoggingConfigurable):
     ).tag(config=True)
     allow_source_builds = Bool(
         False, help="Build packages that publish no wheel for this Python and platform from "
-        "their source distribution. A build runs the package's own code (its build backend) "
-        "with the builder's rights, so it has to run in a sandbox with no network; that is "
-        "not available yet, and while it is not, turning this on makes installs fail rather "
-        "than build on the host. Off: wheels only (uv --no-build)."
+        "their source distribution, each in a one-shot sandbox with no network, its own "
+        "uid and the seccomp filter (limits: SourceBuilder); the wheel it makes is checked "
+        "and installed like any other. Needs bubblewrap. Off: wheels only (uv --no-build), "
+        "and a package without one is refused."
+    ).tag(config=True)
+    max_source_builds = Int(
+        8, help="Source builds one install may run (a package and the sdist-only packages "
+        "it needs)."
     ).tag(config=True)
     cache_dir = Unicode(None, allow_none=True,
                         help="uv's cache, shared by every layer ($SANDBOX_KERNEL_UV_CACHE_DIR; "
@@ -272,6 +256,9 @@ class PackageInstaller(LoggingConfigurable):
     def _cache_dir_default(self) -> str | None:
         return os.environ.get("SANDBOX_KERNEL_UV_CACHE_DIR") or None
 
+    #: Builds sdists in a sandbox when ``allow_source_builds`` is on (the manager gives it).
+    builder = Instance(SourceBuilder, allow_none=True)
+
     def __init__(self, home: Path, registry: Registry, **kwargs: Any):
         super().__init__(**kwargs)
         self.home = Path(home)
@@ -293,29 +280,83 @@ class PackageInstaller(LoggingConfigurable):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         reqs = parse_requirements(requested, self.allow_direct_references)
-        self._build_args()  # raises now if builds are asked for, before any uv runs
         all_specs = merge_specs([*have, *(str(r) for r in reqs)])
         existing = self.layer_pins(layers)
         # What the session has stays as it is, except what this request names again.
         asked = {canonicalize_name(r.name) for r in reqs}
         keep = {n: v for n, v in existing.items() if n not in asked}
         t = time.perf_counter()
-        pins = self.resolve(python, all_specs, keep)
-        timing["resolve"] = time.perf_counter() - t
+        built: list[str] = []
+        pins = self._building(python, reqs, built, timing,
+                              lambda: self.resolve(python, all_specs, keep))
+        timing["resolve"] = time.perf_counter() - t - timing.get("build", 0.0)
         base = self.base_packages(python)
         new = {n: v for n, v in pins.items() if base.get(n) != v and existing.get(n) != v}
         result = InstallResult(requested=[str(r) for r in reqs], layers=list(layers),
                                all_requested=all_specs)
         if new:
             t = time.perf_counter()
-            layer_id, built = self.ensure_layer(python, new)
+            layer_id, made = self._building(python, reqs, built, timing,
+                                            lambda: self.ensure_layer(python, new))
             timing["install"] = time.perf_counter() - t
             result.layers = [*layers, layer_id]
             result.new_packages = new
-            result.cache_hit = not built
+            result.cache_hit = not made
+        result.built_from_source = built
         timing["total"] = time.perf_counter() - t0
         result.timing = timing
         return result
+
+    # -- source builds ---------------------------------------------------------
+
+    def _building(self, python: str, reqs: Sequence[Requirement], built: list[str],
+                  timing: dict[str, float], step: Callable[[], T]) -> T:
+        """``step()``; when it needs a package built from source and that is allowed,
+        build its wheel in a sandbox and run ``step`` again (a package once per install).
+        ``built`` and ``timing["build"]`` collect what was built and how long it took."""
+        while True:
+            try:
+                return step()
+            except SourceBuildRefused as exc:
+                name = exc.package and canonicalize_name(exc.package)
+                if not self.allow_source_builds or not name:
+                    raise
+                if name in built:
+                    raise SourceBuildRefused(
+                        f"{name} was built from source in a sandbox, and uv still cannot use "
+                        f"the wheel it made ({exc})", name) from None
+                if len(built) >= self.max_source_builds:
+                    raise SourceBuildRefused(
+                        f"{name} would be source build number {len(built) + 1} of this "
+                        "install; PackageInstaller.max_source_builds allows "
+                        f"{self.max_source_builds}", name) from None
+                t = time.perf_counter()
+                self._build_from_source(python, name, reqs)
+                timing["build"] = timing.get("build", 0.0) + time.perf_counter() - t
+                built.append(name)
+
+    def _build_from_source(self, python: str, name: str, reqs: Sequence[Requirement]) -> Path:
+        """Find ``name``'s sdist (as the request constrains it) and build it in a sandbox."""
+        if self.builder is None:
+            raise SourceBuildRefused(f"{name} needs a source build and this installer has no "
+                                     "builder", name)
+        asked = [r for r in reqs if canonicalize_name(r.name) == name]
+        requirement = asked[0] if asked else Requirement(name)
+        indexes = [] if self.no_index else [self.index_url or PYPI, *self.extra_index_urls]
+        try:
+            candidate = find_sdist(requirement, self.find_links, indexes, self.offline)
+            return self.builder.build(python, requirement, candidate,
+                                      lambda needs, target: self._install_build_requires(
+                                          python, name, needs, target))
+        except (SdistUnavailable, SourceBuildFailed) as exc:
+            raise InstallFailed(f"could not build {name} from source: {exc}") from None
+
+    def _install_build_requires(self, python: str, name: str, needs: Sequence[str],
+                                target: Path) -> None:
+        """A build's declared requirements, as wheels only, into ``target``."""
+        self._uv("pip", "install", "--target", str(target), "--python", python, "--quiet",
+                 *self._build_args(), *self._index_args(), *needs,
+                 action=f"install {name}'s build requirements ({', '.join(needs)})")
 
     # -- resolution ---------------------------------------------------------
 
@@ -457,6 +498,9 @@ class PackageInstaller(LoggingConfigurable):
             args += ["--extra-index-url", url]
         for link in self.find_links:
             args += ["--find-links", link]
+        if self.allow_source_builds and self.builder is not None \
+                and self.builder.built_dir.is_dir():
+            args += ["--find-links", str(self.builder.built_dir)]  # wheels built in sandboxes
         if self.no_index:
             args.append("--no-index")
         if self.offline:
@@ -464,19 +508,8 @@ class PackageInstaller(LoggingConfigurable):
         return args
 
     def _build_args(self) -> list[str]:
-        """uv's arguments that keep every build backend from running here: wheels only.
-
-        Raises while ``allow_source_builds`` is on: a build is to run in a sandbox
-        with no network, which does not exist yet; on the host it never runs.
-        """
-        if self.allow_source_builds:
-            raise SourceBuildRefused(
-                "PackageInstaller.allow_source_builds is on, but building source "
-                "distributions in a sandbox is not available yet, and they are never built "
-                "on the host (a build runs the package's own code there); turn the option "
-                "off and install wheels: a version of the package that publishes a wheel "
-                "for this Python and platform, or a wheel you built elsewhere, served with "
-                "PackageInstaller.find_links")
+        """uv's arguments that keep every build backend from running here: wheels only,
+        always (source builds happen in a sandbox, and reach uv as wheels)."""
         return ["--no-build"]
 
     def _index_config(self) -> dict[str, Any]:
@@ -507,9 +540,11 @@ class PackageInstaller(LoggingConfigurable):
                 raise SourceBuildRefused(
                     f"could not {action}: {no_wheel} has no wheel for this Python and "
                     "platform, and source distributions are refused for safety (building "
-                    "one runs the package's own code on the host). Pick a version of "
-                    f"{no_wheel} that publishes a wheel, or build its wheel elsewhere and "
-                    f"serve it with PackageInstaller.find_links (uv: {message})")
+                    "one runs the package's own code). Pick a version of "
+                    f"{no_wheel} that publishes a wheel, serve a wheel of it with "
+                    "PackageInstaller.find_links, or let it be built in a sandbox with no "
+                    "network: PackageInstaller.allow_source_builds = True "
+                    f"(uv: {message})", no_wheel)
             raise InstallFailed(f"could not {action}: {message}")
         return proc.stdout
 
@@ -541,14 +576,6 @@ def python_tag(python: str) -> str:
         version = subprocess.run([python, "-c", code], capture_output=True, text=True,
                                  timeout=30).stdout.strip()
     return f"cp{version}-{sys.platform}-{platform.machine()}"
-
-
-def merge_specs(specs: Sequence[str]) -> list[str]:
-    """Later requirements for a name replace earlier ones; order kept."""
-    merged: dict[str, str] = {}
-    for spec in specs:
-        merged[canonicalize_name(Requirement(spec).name)] = spec
-    return list(merged.values())
 
 
 def _digest(data: Any) -> str:

@@ -184,35 +184,13 @@ class BwrapLauncher(SandboxLauncher):
         self, layout: SessionLayout, command: KernelCommand, user_env: dict[str, str],
         layers_dir: Path, identity: Identity | None = None,
     ) -> LaunchPlan:
-        write_etc(layout.etc, self.uid)
         conn = f"{INSIDE_KERNEL}/kernel.json"
-        args = [
-            shutil.which(self.bwrap) or self.bwrap,
-            "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try",
-            *([] if self.share_network else ["--unshare-net"]),
-            "--uid", str(self.uid), "--gid", str(self.uid),
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--hostname", "sandbox",
-            "--ro-bind", "/usr", "/usr",
-        ]
-        args += top_level_binds()
-        for path in self.etc_files:
-            args += ["--ro-bind-try", path, path]
-        for name in ("passwd", "group", "hosts", "hostname"):
-            args += ["--ro-bind", str(layout.etc / name), f"/etc/{name}"]
+        args = self._system_args(layout.etc, network=self.share_network)
         # /tmp lives in memory, charged to the session's memory cgroup: on the host disk
         # the sandbox writes only its work directory and its kernel's sockets. Mounted
         # before the interpreter's binds, which may lie under /tmp and must stay visible.
         args += ["--tmpfs", INSIDE_TMP]
-        bound = []
-        for path in _outermost([*command.read_only, *self.extra_read_only]):
-            if not _under(path, ["/usr"]):
-                args += ["--ro-bind", path, path]
-                bound.append(path)
-        for path in self.hidden:
-            if _under(path, [*bound, "/usr"]):
-                args += ["--tmpfs", path]
+        args += self._read_only_args(command.read_only)
         # Package layers: built by the manager, read-only here, new ones visible at once.
         args += ["--ro-bind", str(layers_dir), INSIDE_LAYERS]
         shm = _offer_snapshots(layout)
@@ -226,7 +204,7 @@ class BwrapLauncher(SandboxLauncher):
             "--bind", str(layout.work), INSIDE_WORK,
             "--remount-ro", "/",
         ]
-        syscalls = self._syscall_args(layout)
+        syscalls = self._syscall_args(layout.root)
         args += [*syscalls[0], "--chdir", INSIDE_WORK, "--"]
         env = base_env(INSIDE_WORK, INSIDE_TMP, _bin_dirs(command))
         env.update(command.env)
@@ -250,15 +228,77 @@ class BwrapLauncher(SandboxLauncher):
             seccomp=syscalls[2],
         )
 
-    def _syscall_args(self, layout: SessionLayout) -> tuple[list[str], str | None, dict]:
+    def one_shot(self, scratch: Path, command: Sequence[str], read_only: Sequence[str],
+                 binds: Sequence[tuple[str, str]], tmp_size: int,
+                 identity: Identity | None = None) -> LaunchPlan:
+        """A sandbox for one command that writes nothing on the host: no network whatever
+        ``share_network`` says, only a size-capped in-memory /tmp writable, ``binds``
+        (host path, place inside) read-only. ``scratch``: a host-only directory for its
+        identity files and seccomp filter. What it makes, it hands back on its stdout."""
+        scratch_etc = scratch / "etc"
+        scratch_etc.mkdir(mode=0o755, exist_ok=True)
+        args = self._system_args(scratch_etc, network=False)
+        args += ["--size", str(tmp_size), "--tmpfs", INSIDE_TMP]
+        args += self._read_only_args(read_only)
+        for source, inside in binds:
+            args += ["--ro-bind", source, inside]
+        args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/"]
+        syscalls = self._syscall_args(scratch)
+        args += [*syscalls[0], "--chdir", INSIDE_TMP, "--"]
+        run_as, stage = None, []
+        if identity is not None and identity.separate:
+            run_as = (identity.uid, identity.gid)
+            args, stage = _staged(args)
+        return LaunchPlan(argv=[*args, *command], env=base_env(INSIDE_TMP, INSIDE_TMP, []),
+                          cwd="/", isolation=self.isolation, kernel_connection_file="",
+                          kernel_socket_prefix="", work_dir_inside=INSIDE_TMP,
+                          layers_inside="", run_as=run_as, stage=stage,
+                          seccomp_file=syscalls[1], seccomp=syscalls[2])
+
+    def _system_args(self, etc: Path, network: bool) -> list[str]:
+        """The namespaces, the dropped capabilities, the host's system directories and
+        the sandbox's own identity files (written into ``etc``): what every sandbox has."""
+        write_etc(etc, self.uid)
+        args = [
+            shutil.which(self.bwrap) or self.bwrap,
+            "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try",
+            *([] if network else ["--unshare-net"]),
+            "--uid", str(self.uid), "--gid", str(self.uid),
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--hostname", "sandbox",
+            "--ro-bind", "/usr", "/usr",
+        ]
+        args += top_level_binds()
+        for path in self.etc_files:
+            args += ["--ro-bind-try", path, path]
+        for name in ("passwd", "group", "hosts", "hostname"):
+            args += ["--ro-bind", str(etc / name), f"/etc/{name}"]
+        return args
+
+    def _read_only_args(self, read_only: Sequence[str]) -> list[str]:
+        """Binds for the interpreter's (and configured) trees, each once, and empty
+        tmpfs over the hidden paths (the state directory) that fall inside them."""
+        args, bound = [], []
+        for path in _outermost([*read_only, *self.extra_read_only]):
+            if not _under(path, ["/usr"]):
+                args += ["--ro-bind", path, path]
+                bound.append(path)
+        for path in self.hidden:
+            if _under(path, [*bound, "/usr"]):
+                args += ["--tmpfs", path]
+        return args
+
+    def _syscall_args(self, directory: Path) -> tuple[list[str], str | None, dict]:
         """bwrap's options for the seccomp filter and nested user namespaces, the filter's
-        file, and what is in force. A host without libseccomp runs without the filter,
-        loudly, as a host without bubblewrap runs without namespaces."""
+        file (written into ``directory``, host-only), and what is in force. A host without
+        libseccomp runs without the filter, loudly, as a host without bubblewrap runs
+        without namespaces."""
         bwrap = shutil.which(self.bwrap) or self.bwrap
         no_userns = userns_can_be_disabled(bwrap)
         path = None
         if self.seccomp:
-            path = str(layout.root / SECCOMP_FILE)
+            path = str(directory / SECCOMP_FILE)
             try:
                 write_filter(path)
             except SeccompUnavailable as exc:
