@@ -10,8 +10,12 @@ take wheels only, so the install is refused and the marker never appears.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import textwrap
 from collections.abc import Callable
@@ -363,3 +367,54 @@ def test_forged_build_output_is_refused_and_nothing_is_filed(tmp_path, sent, mes
     assert message in str(refused.value)
     assert "\x1b" not in str(refused.value)
     assert not builder.built_dir.exists() or not any(builder.built_dir.iterdir())
+
+
+@pytest.fixture
+def simple_index(tmp_path):
+    """A PEP 503 index served over HTTP by a real server process on loopback."""
+    root = tmp_path / "index"
+    (root / "simple").mkdir(parents=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1",
+         "--directory", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N ..."
+        port = int(line.split(" port ")[1].split()[0])
+        yield root, f"http://127.0.0.1:{port}/simple/"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _publish(root: Path, sdist: Path, digest: str | None = None) -> None:
+    """List ``sdist`` on its project's page, with its sha256 (or ``digest``) in the link."""
+    project = sdist.name.rsplit("-", 1)[0].replace("_", "-")
+    page = root / "simple" / project
+    page.mkdir(parents=True, exist_ok=True)
+    files = root / "files"
+    files.mkdir(exist_ok=True)
+    shutil.copy(sdist, files / sdist.name)
+    digest = digest or hashlib.sha256(sdist.read_bytes()).hexdigest()
+    (page / "index.html").write_text(
+        f'<html><body><a href="../../files/{sdist.name}#sha256={digest}">{sdist.name}</a>'
+        "</body></html>\n")
+
+
+@needs_bwrap
+def test_an_sdist_from_an_index_is_fetched_checked_and_built(builds_manager, simple_index,
+                                                             tmp_path):
+    manager, marker = builds_manager
+    root, url = simple_index
+    made = _probing_sdist(tmp_path / "made", "skdemo-probe-indexed", marker)
+    _publish(root, made)
+    forged = _probing_sdist(tmp_path / "made", "skdemo-probe-forged", marker)
+    _publish(root, forged, digest="0" * 64)
+    inst = manager.installer
+    inst.find_links = [f for f in inst.find_links if "links" not in f]  # the wheels only
+    inst.index_url, inst.no_index, inst.offline = url, False, False
+    result = inst.install(manager.python, ["skdemo-probe-indexed"])
+    assert result.built_from_source == ["skdemo-probe-indexed"]
+    refused = _refusal(lambda: inst.install(manager.python, ["skdemo-probe-forged"]))
+    assert isinstance(refused, InstallFailed) and "does not match the index's digest" in str(
+        refused), refused
+    assert not marker.exists()
