@@ -390,17 +390,20 @@ class InstallCommand(_Command):
             print(f"insight: {shown(insight)}")
 
     def install_kernelspec(self) -> None:
-        from .kernelspec import install
+        from .kernelspec import enable_server_extension, install
 
         if sum([self.user, self.sys_prefix, self.prefix is not None]) > 1:
             self.fail("choose one of --user, --sys-prefix and --prefix")
         prefix = sys.prefix if self.sys_prefix else self.prefix
         try:
             where = install(user=self.user, prefix=prefix)
+            config = enable_server_extension(user=self.user, prefix=prefix)
         except OSError as exc:
             self.fail(f"cannot install the kernelspec: {exc}")
         for path in where:
             print(f"installed kernelspec {Path(path).name} in {path}")
+        print(f"enabled the Jupyter Server extension that keeps a renamed notebook's session "
+              f"({config})")
 
 
 class UploadCommand(_Command):

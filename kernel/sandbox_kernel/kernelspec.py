@@ -41,3 +41,24 @@ def install(user: bool = False, prefix: str | None = None) -> list[str]:
         for logo in spec_source(KERNEL_NAME).glob("logo-*"):
             shutil.copy(logo, Path(where[-1]) / logo.name)
     return where
+
+
+def enable_server_extension(user: bool = False, prefix: str | None = None) -> Path:
+    """Turn on the Jupyter Server extension that keeps a renamed notebook's session
+    (``server_extension``), beside the kernelspecs; return the config file written."""
+    from jupyter_core.paths import SYSTEM_CONFIG_PATH, jupyter_config_dir
+
+    from .server_extension import CONFIG_NAME
+
+    if prefix:
+        base = Path(prefix) / "etc" / "jupyter"
+    elif user:
+        base = Path(jupyter_config_dir())
+    else:
+        base = Path(SYSTEM_CONFIG_PATH[0])
+    target = base / "jupyter_server_config.d" / CONFIG_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(
+        {"ServerApp": {"jpserver_extensions": {"sandbox_kernel.server_extension": True}}},
+        indent=2) + "\n")
+    return target

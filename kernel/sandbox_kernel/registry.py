@@ -118,6 +118,12 @@ CREATE TABLE IF NOT EXISTS bindings (
     session_id TEXT NOT NULL REFERENCES sessions(id),
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS renames (
+    old_key TEXT NOT NULL,
+    new_key TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS renames_old ON renames(old_key, at);
 """
 
 #: Statuses in which a sandbox process is expected to exist.
@@ -445,6 +451,61 @@ class Registry:
             row = self._db.execute("SELECT session_id FROM bindings WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
+    def rename_notebook(self, old: str, new: str) -> list[str]:
+        """A notebook (or a directory of them) moved from path ``old`` to ``new``: its
+        binding and the sessions it owns go with it, and the move is recorded for a
+        kernel still running under the old name. The names of the sessions kept."""
+        old_key, new_key = f"notebook:{old}", f"notebook:{new}"
+        below = old_key.rstrip("/") + "/"
+        now = time.time()
+        with self.transaction() as db:
+            keys = {r[0] for r in db.execute(
+                "SELECT key FROM bindings WHERE key=? OR substr(key, 1, ?)=? UNION "
+                "SELECT owner FROM sessions WHERE owner=? OR substr(owner, 1, ?)=?",
+                (old_key, len(below), below, old_key, len(below), below))}
+            for key in sorted(keys):
+                moved = new_key + key[len(old_key):]
+                # What was bound to the new path (a notebook the move replaced) lets go.
+                db.execute("DELETE FROM bindings WHERE key=?", (moved,))
+                # ``updated`` kept: the kernel that opens it next tells of the rename.
+                db.execute("UPDATE bindings SET key=? WHERE key=?", (moved, key))
+                db.execute("UPDATE sessions SET owner=? WHERE owner=?", (moved, key))
+                db.execute("INSERT INTO renames (old_key, new_key, at) VALUES (?, ?, ?)",
+                           (key, moved, now))
+            names = [r[0] for r in db.execute(
+                "SELECT name FROM sessions WHERE id IN (SELECT session_id FROM bindings WHERE "
+                "key=? OR substr(key, 1, ?)=?) ORDER BY name",
+                (new_key, len(new_key) + 1, new_key + "/"))]
+        return names
+
+    def renamed(self, key: str, since: float) -> str:
+        """Where the notebook of ``key`` is now, following the renames made after ``since``
+        (a kernel's start: a kernel started later under an old name is a new notebook)."""
+        seen = {key}
+        with self._lock:
+            while True:
+                row = self._db.execute(
+                    "SELECT new_key, at FROM renames WHERE old_key=? AND at>=? "
+                    "ORDER BY at LIMIT 1", (key, since)).fetchone()
+                if row is None or row[0] in seen:
+                    return key
+                key, since = row[0], row[1]
+                seen.add(key)
+
+    def renamed_from(self, key: str, after: float) -> str | None:
+        """The old key of the latest rename to ``key`` made after ``after``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT old_key FROM renames WHERE new_key=? AND at>? ORDER BY at DESC LIMIT 1",
+                (key, after)).fetchone()
+        return row[0] if row else None
+
+    def binding_updated(self, key: str) -> float | None:
+        """When ``key`` was last bound (a kernel opened its session, or a rename moved it)."""
+        with self._lock:
+            row = self._db.execute("SELECT updated FROM bindings WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
     # -- packages: cached resolutions and built layers ------------------------
 
     def cached_resolution(self, key: str, max_age: float) -> dict[str, str] | None:
@@ -594,6 +655,13 @@ class Registry:
                 (now, lease_clock(), execution_count, session_id),
             )
         return execution_id
+
+    def raise_execution_count(self, session_id: str, count: int) -> None:
+        """A notebook numbered a cell ``count`` that the session did not run (a %session
+        command): its numbers go on from there, after a kernel restart too."""
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET execution_count=MAX(execution_count, ?) WHERE id=?",
+                       (count, session_id))
 
     def last_execution(self, session_id: str) -> dict[str, Any] | None:
         with self._lock:

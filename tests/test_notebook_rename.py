@@ -1,0 +1,149 @@
+"""A notebook keeps its session when it is renamed or moved: a real Jupyter Server, its
+REST API as JupyterLab uses it, and the sandbox kernels it starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client import BlockingKernelClient
+
+from .conftest import needs_bwrap, short_tmpdir
+from .test_browser import _free_port, _notebook
+
+KERNEL = "sandbox-python"
+
+
+class Server:
+    """A Jupyter Server process and the calls JupyterLab makes to it."""
+
+    def __init__(self, base: str, token: str, root: Path, runtime: Path):
+        self.base, self.token, self.root, self.runtime = base, token, root, runtime
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict | None:
+        request = urllib.request.Request(
+            f"{self.base}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            data = response.read()
+        return json.loads(data) if data else None
+
+    def open(self, path: str) -> dict:
+        """Open a notebook with the sandbox kernel (POST /api/sessions)."""
+        return self.call("POST", "/api/sessions", {
+            "path": path, "name": Path(path).name, "type": "notebook",
+            "kernel": {"name": KERNEL}})
+
+    def rename(self, session: dict | None, old: str, new: str) -> None:
+        """What JupyterLab does on a rename: the file, then the open notebook's session."""
+        self.call("PATCH", f"/api/contents/{old}", {"path": new})
+        if session is not None:
+            self.call("PATCH", f"/api/sessions/{session['id']}",
+                      {"path": new, "name": Path(new).name})
+
+    def shut_down(self, session: dict) -> None:
+        self.call("DELETE", f"/api/sessions/{session['id']}")
+
+    def run(self, session: dict, code: str) -> dict:
+        """Execute ``code`` in the session's kernel; its reply and its result or error."""
+        client = BlockingKernelClient(
+            connection_file=str(self.runtime / f"kernel-{session['kernel']['id']}.json"))
+        client.load_connection_file()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=120)
+            msg_id = client.execute(code)
+            found: dict = {}
+            while True:
+                msg = client.get_iopub_msg(timeout=120)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "execute_result":
+                    found["result"] = content["data"]["text/plain"]
+                elif kind == "error":
+                    found["error"] = content["ename"]
+                elif kind == "stream":
+                    found["stream"] = found.get("stream", "") + content["text"]
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return found
+        finally:
+            client.stop_channels()
+
+
+@pytest.fixture(scope="module")
+def server(kernel_home) -> Iterator[Server]:
+    root = short_tmpdir("skrn-")
+    runtime = root / ".runtime"
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"),
+           "JUPYTER_RUNTIME_DIR": str(runtime)}
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+         f"--port={port}", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Jupyter Server did not start: "
+                                   f"{(root / 'server.log').read_text()}") from None
+            time.sleep(0.3)
+    try:
+        yield Server(base, token, root, runtime)
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        proc.kill()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@needs_bwrap
+def test_a_renamed_notebook_reopens_in_its_session(server):
+    _notebook(server.root / "Untitled.ipynb", [])
+    first = server.open("Untitled.ipynb")
+    assert server.run(first, "x = 41") == {}
+    server.rename(first, "Untitled.ipynb", "analysis.ipynb")
+    server.shut_down(first)
+    again = server.open("analysis.ipynb")
+    assert again["kernel"]["id"] != first["kernel"]["id"]  # a new kernel, the same session
+    assert server.run(again, "x + 1") == {"result": "42"}
+    server.shut_down(again)
+    # A new notebook under the old name is a new notebook, with a session of its own.
+    _notebook(server.root / "Untitled.ipynb", [])
+    fresh = server.open("Untitled.ipynb")
+    assert server.run(fresh, "x").get("error") == "NameError"
+    server.shut_down(fresh)
+
+
+@needs_bwrap
+def test_notebooks_in_a_moved_directory_keep_their_sessions(server):
+    (server.root / "project").mkdir()
+    _notebook(server.root / "project" / "model.ipynb", [])
+    first = server.open("project/model.ipynb")
+    assert server.run(first, "weights = [1, 2, 3]") == {}
+    server.shut_down(first)
+    server.rename(None, "project", "project-2024")
+    again = server.open("project-2024/model.ipynb")
+    assert server.run(again, "sum(weights)") == {"result": "6"}
+    server.shut_down(again)
