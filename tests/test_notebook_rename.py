@@ -75,6 +75,9 @@ class Server:
                     found["result"] = content["data"]["text/plain"]
                 elif kind == "error":
                     found["error"] = content["ename"]
+                elif kind == "display_data":
+                    found["display"] = found.get("display", "") + content["data"].get(
+                        "text/plain", "")
                 elif kind == "stream":
                     found["stream"] = found.get("stream", "") + content["text"]
                 elif kind == "status" and content["execution_state"] == "idle":
@@ -127,7 +130,12 @@ def test_a_renamed_notebook_reopens_in_its_session(server):
     server.shut_down(first)
     again = server.open("analysis.ipynb")
     assert again["kernel"]["id"] != first["kernel"]["id"]  # a new kernel, the same session
-    assert server.run(again, "x + 1") == {"result": "42"}
+    reopened = server.run(again, "x + 1")
+    assert reopened["result"] == "42", reopened
+    # It says so, once, naming the old path and the session.
+    assert "renamed from" in reopened["stream"] and "Untitled.ipynb" in reopened["stream"]
+    assert "keeps its session 'Untitled" in reopened["stream"], reopened
+    assert "stream" not in server.run(again, "x")
     server.shut_down(again)
     # A new notebook under the old name is a new notebook, with a session of its own.
     _notebook(server.root / "Untitled.ipynb", [])
@@ -145,5 +153,27 @@ def test_notebooks_in_a_moved_directory_keep_their_sessions(server):
     server.shut_down(first)
     server.rename(None, "project", "project-2024")
     again = server.open("project-2024/model.ipynb")
-    assert server.run(again, "sum(weights)") == {"result": "6"}
+    moved = server.run(again, "sum(weights)")
+    assert moved["result"] == "6" and "renamed from" in moved["stream"], moved
+    server.shut_down(again)
+
+
+@needs_bwrap
+def test_a_kernel_running_through_a_rename_follows_it_and_keeps_it_after_a_restart(server):
+    _notebook(server.root / "draft.ipynb", [])
+    first = server.open("draft.ipynb")
+    assert server.run(first, "y = 7") == {}
+    server.rename(first, "draft.ipynb", "final.ipynb")
+    # The running kernel (its environment still says draft.ipynb) acts as final.ipynb's:
+    # its %session lines still reach its session.
+    listed = server.run(first, "%session list")
+    assert "draft" in listed.get("display", "") + listed.get("stream", ""), listed
+    # Restarted, it starts again with draft.ipynb in its environment, and finds its session.
+    server.call("POST", f"/api/kernels/{first['kernel']['id']}/restart")
+    restarted = server.run(first, "y * 6")
+    assert restarted["result"] == "42", restarted
+    assert "renamed from" in restarted["stream"], restarted
+    server.shut_down(first)
+    again = server.open("final.ipynb")
+    assert server.run(again, "y")["result"] == "7"
     server.shut_down(again)

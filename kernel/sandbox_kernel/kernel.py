@@ -23,6 +23,7 @@ import platform
 import re
 import signal
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -51,6 +52,11 @@ FORWARDED = ("complete_request", "inspect_request", "is_complete_request",
              "history_request", "comm_info_request")
 _ANSI_RED = "\x1b[0;31m"
 _ANSI_RESET = "\x1b[0m"
+
+
+#: When this kernel process started: renames made before it are not its own (a notebook
+#: opened later under an old name is another notebook).
+_STARTED = time.time()
 
 
 class InputCancelled(Exception):
@@ -132,11 +138,26 @@ class SandboxKernel(Kernel):
         self._ready = asyncio.ensure_future(self._open_session())
         self._ready.add_done_callback(lambda f: f.exception())  # reported at the first cell
 
+    #: The notebook's key when it was found through this kernel's connection file: a
+    #: kernel restarted after a rename still has the old path in its environment.
+    _notebook_key: str | None = None
+
     @property
     def binding_key(self) -> str:
+        """Which notebook this is: its path as Jupyter Server gave it (``JPY_SESSION_NAME``),
+        followed through the renames made since this kernel started (the server extension
+        records them); without a path, this kernel's connection file."""
         notebook = os.environ.get("JPY_SESSION_NAME")
-        if notebook:
-            return f"notebook:{notebook}"
+        if not notebook:
+            return self._kernel_key
+        key = self._notebook_key or f"notebook:{notebook}"
+        with contextlib.suppress(Exception):  # the registry's trouble shows at the first cell
+            key = self._manager().registry.renamed(key, since=_STARTED)
+        return key
+
+    @property
+    def _kernel_key(self) -> str:
+        """This kernel's connection file, which a restart keeps."""
         conn = getattr(self.parent, "abs_connection_file", None) or f"pid-{os.getpid()}"
         return f"kernel:{conn}"
 
@@ -147,9 +168,25 @@ class SandboxKernel(Kernel):
 
     async def _open_session(self) -> AsyncSession:
         manager = self._manager()
+        registry = manager.registry
         key = self.binding_key
         session: AsyncSession | None = None
-        wanted = self.session_name or manager.registry.bound(key)
+        wanted = self.session_name or registry.bound(key)
+        if not wanted and key != self._kernel_key:
+            # A restart after a rename: the environment has the old path, the session
+            # went to the new one, and the connection file leads to it.
+            wanted = registry.bound(self._kernel_key)
+            renamed = registry.notebook_key_of(wanted) if wanted else None
+            if renamed:
+                self._notebook_key = key = renamed
+        if wanted and key.startswith("notebook:"):
+            since = registry.binding_updated(key) or 0.0
+            old = registry.renamed_from(key, after=since)
+            row = registry.find(wanted) if old else None
+            if row is not None:
+                self._notice = (f"this notebook was renamed from "
+                                f"{shown(old.removeprefix('notebook:'))}; it keeps its "
+                                f"session {shown(row['name'])!r}")
         if wanted:
             with contextlib.suppress(SessionClosed, SandboxError):
                 session = await manager.get(wanted)
@@ -160,6 +197,8 @@ class SandboxKernel(Kernel):
                                            language=self.session_language, wait=False)
             manager.registry.set_owner(session.id, key)
         manager.registry.bind(key, session.id)
+        if key != self._kernel_key:
+            manager.registry.bind(self._kernel_key, session.id)
         return await self._adopt(session)
 
     async def _recover(self, dead: AsyncSession) -> AsyncSession | None:

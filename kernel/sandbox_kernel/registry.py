@@ -500,6 +500,14 @@ class Registry:
                 (key, after)).fetchone()
         return row[0] if row else None
 
+    def notebook_key_of(self, session_id: str) -> str | None:
+        """The notebook key bound to a session most recently, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key FROM bindings WHERE session_id=? AND key LIKE 'notebook:%' "
+                "ORDER BY updated DESC LIMIT 1", (session_id,)).fetchone()
+        return row[0] if row else None
+
     def binding_updated(self, key: str) -> float | None:
         """When ``key`` was last bound (a kernel opened its session, or a rename moved it)."""
         with self._lock:
