@@ -37,6 +37,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(kernel_home) -> Iterator[dict]:
     root = short_tmpdir("sklab-")
+    # No "get notified about Jupyter news?" toast over the screenshots' outputs.
+    settings = root / ".config/lab/user-settings/@jupyterlab/apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"),
            "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
@@ -141,31 +146,72 @@ def test_lab_runs_cells_in_the_sandbox_kernel(lab, browser):
     page.close()
 
 
+LONG_NAME = "a-session-whose-name-is-longer-than-its-column"
+
+
 def test_lab_magics_dashboard_progress_and_session_cells(lab, browser, kernel_home):
-    """The extension in a plain ipykernel notebook: %%session output, an upload's bar
-    reaching 100%, and the dashboard, whose Pause button pauses the session."""
+    """The extension in a plain ipykernel notebook: %%session output with its timing and
+    insights, an upload's bars, and the dashboard, whose Pause button pauses the session.
+    Each widget's layout is measured in the page: columns (headers over their values),
+    right-aligned figures, a long name cut with the whole name on hover, buttons whose
+    words fit, a total bar as long as the files' bars and full when the upload is done."""
     from sandbox_kernel import SessionManager
 
     blob = lab["root"] / "blob.bin"
     blob.write_bytes(os.urandom(16 << 20))
+    other = lab["root"] / "an-input-file-whose-name-is-longer-than-its-column.csv"
+    other.write_text("a,b\n1,2\n" * 1000)
     _notebook(lab["root"] / "magics.ipynb", [
         "%load_ext sandbox_magics",
         "%session new lab-one",
-        "%%session\nprint('hello from the sandbox', 6 * 7)",
-        f"%session upload {blob}",
+        "%%session --timing --insights\nprint('hello from the sandbox', 6 * 7)",
+        f"%session upload {blob} {other}",
+        f"%session new {LONG_NAME}",
+        "%session use lab-one",
         "%session dashboard --refresh 1",
     ])
     page = run_all(browser, lab, "magics.ipynb", "Python 3 (ipykernel)", "python3",
-                   viewport={"width": 1400, "height": 1000})
+                   viewport={"width": 1400, "height": 1300})
     page.wait_for_selector("text=hello from the sandbox 42", timeout=120_000)
-    # The total bar of the upload's progress widget (ipywidgets' FloatProgress).
-    page.wait_for_selector(".widget-hprogress:has-text('total') "
-                           ".progress-bar[style*='width: 100%']", timeout=120_000)
-    screenshot(page, "lab-magics-upload")
+    cells = page.locator(".jp-NotebookPanel:visible .jp-Cell")
+
+    # Timing and insights: the figures in right-aligned columns; a heading on its own line.
+    timing = cells.nth(2).locator(".jp-OutputArea-output table").first
+    timing.wait_for(timeout=60_000)
+    assert timing.evaluate("t => Array.from(t.querySelectorAll('tr'))"
+                           ".slice(1).map(r => getComputedStyle(r.cells[2]).textAlign)"
+                           ".every(a => a === 'right')")
+    insights = cells.nth(2).locator(".widget-html:has-text('insights')").last.inner_text()
+    assert insights.startswith("insights\n"), insights  # it read "insightsno insights"
+    shot = cells.nth(2).locator(".jp-Cell-outputWrapper")
+    shot.screenshot(path=str(ARTIFACTS / "lab-magics-timing-insights.png"))
+
+    # The upload: every bar in one column, the total as long as the files' bars, and full.
+    total = page.locator(".sk-transfer-total .progress-bar[style*='width: 100%']")
+    total.wait_for(timeout=120_000)
+    upload = cells.nth(3).locator(".jp-OutputArea-output").first
+    page.wait_for_function(
+        "el => el.innerText.includes('saved by dedup and compression')",
+        arg=upload.element_handle(),
+        timeout=60_000)
+    bars = upload.locator(".progress").evaluate_all(
+        "bs => bs.map(b => { const r = b.getBoundingClientRect();"
+        " return [Math.round(r.x), Math.round(r.width)]; })")
+    assert len(bars) == 3 and len(set(map(tuple, bars))) == 1, bars  # two files and the total
+    cut = upload.locator(f"div[title='{other.name}']")
+    assert cut.evaluate("d => d.scrollWidth > d.clientWidth"), "the long name is cut"
+    assert cut.inner_text() == other.name  # ...with an ellipsis the page draws, not the text
+    upload.screenshot(path=str(ARTIFACTS / "lab-magics-upload.png"))
+
     session_id = SessionManager(home=str(kernel_home)).get("lab-one").id
+    long_id = SessionManager(home=str(kernel_home)).get(LONG_NAME).id
     row = page.locator(f".sk-session-{session_id}")
     row.wait_for(timeout=120_000)
+    page.locator(f".sk-session-{long_id}").wait_for(timeout=60_000)
     assert "running" in row.inner_text()
+    _assert_dashboard_columns(page, session_id, long_id)
+    board = cells.nth(6).locator(".jp-OutputArea-output").first
+    board.screenshot(path=str(ARTIFACTS / "lab-magics-dashboard-widget.png"))
     screenshot(page, "lab-magics-dashboard")
     row.locator("button", has_text="pause").click()
     manager = SessionManager(home=str(kernel_home))
@@ -176,7 +222,129 @@ def test_lab_magics_dashboard_progress_and_session_cells(lab, browser, kernel_ho
     page.wait_for_function(
         f"() => document.querySelector('.sk-session-{session_id}')?.innerText"
         ".includes('paused')", timeout=30_000)
+    _assert_dashboard_columns(page, session_id, long_id)
     shot = screenshot(page, "lab-magics-dashboard-paused")
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def _assert_dashboard_columns(page, *session_ids: str) -> None:
+    """Every header sits over its values (same left edge and width), figures are right-
+    aligned, a row is one line high, no button's word is cut, and the long name is cut
+    with an ellipsis and whole in its title."""
+    geometry = page.evaluate(
+        "ids => { const box = el => { const r = el.getBoundingClientRect();"
+        " return [Math.round(r.x), Math.round(r.width)]; };"
+        " const row = el => Array.from(el.children).slice(0, 10).map(c => box(c));"
+        " const head = document.querySelector('.sk-dashboard-header');"
+        " return {head: row(head), rows: ids.map(i => row("
+        "   document.querySelector('.sk-session-' + i)))}; }", list(session_ids))
+    for values in geometry["rows"]:
+        assert values == geometry["head"], geometry
+    checks = page.evaluate(
+        "ids => ids.map(i => { const r = document.querySelector('.sk-session-' + i);"
+        " const cells = Array.from(r.children).slice(0, 10)"
+        "  .map(c => c.querySelector('div[style*=ellipsis]'));"
+        " return {height: r.getBoundingClientRect().height,"
+        "  align: cells.map(d => getComputedStyle(d).textAlign),"
+        "  cutButtons: Array.from(r.querySelectorAll('button'))"
+        "   .filter(b => b.scrollWidth > b.clientWidth).map(b => b.innerText),"
+        "  name: [cells[0].title, cells[0].scrollWidth > cells[0].clientWidth]}; })",
+        list(session_ids))
+    for check in checks:
+        assert check["height"] < 40, check  # one line: nothing wraps
+        assert check["align"] == ["left"] * 3 + ["right"] * 7, check
+        assert check["cutButtons"] == [], check
+    assert checks[-1]["name"] == [LONG_NAME, True], checks[-1]
+
+
+def _drag_to_end(page, slider) -> None:
+    """Drag ``slider``'s handle past the end of its track, as a person would."""
+    handle = slider.locator(".noUi-handle").bounding_box()
+    track = slider.locator(".noUi-target").bounding_box()
+    page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(track["x"] + track["width"] + 30, handle["y"] + handle["height"] / 2,
+                    steps=8)
+    page.mouse.up()
+
+
+def test_lab_widget_callbacks_print_into_their_outputs(lab, browser):
+    """Issue 17, item 1, in the sandbox kernel: what a widget's callback prints shows in the
+    notebook. The slider of ``interact(lambda n: print(n), n=(0, 100))`` prints its value
+    again when it moves, and a Button's on_click writes into an Output. (A comm message's
+    idle came before the callback's output, and JupyterLab drops output after idle.)"""
+    _notebook(lab["root"] / "callbacks.ipynb", [
+        "from ipywidgets import interact\ninteract(lambda n: print(n), n=(0, 100));",
+        "import ipywidgets as w\nbutton = w.Button(description='write')\n"
+        "out = w.Output()\n\ndef clicked(_):\n    with out:\n"
+        "        print('the button wrote this')\n\nbutton.on_click(clicked)\n"
+        "display(button, out)",
+        "import time\nslow = w.Button(description='slow'); slow_out = w.Output()\n\n"
+        "def slowly(_):\n    time.sleep(1)\n    with slow_out:\n"
+        "        print('the slow button wrote this')\n\nslow.on_click(slowly)\n"
+        "display(slow, slow_out)",
+        "print('the next cell ran')",
+    ])
+    page = run_all(browser, lab, "callbacks.ipynb", "Python 3 (sandbox)", "sandbox-python",
+                   viewport={"width": 1280, "height": 900})
+    cells = page.locator(".jp-NotebookPanel:visible .jp-Cell")
+    printed = cells.nth(0).locator(".widget-interact .widget-output")
+    page.wait_for_function("el => el.innerText.trim() === '50'",
+                           arg=printed.element_handle(timeout=120_000), timeout=120_000)
+    _drag_to_end(page, cells.nth(0).locator(".widget-slider"))
+    page.wait_for_function("el => el.innerText.trim() === '100'",
+                           arg=printed.element_handle(), timeout=60_000)
+    button = cells.nth(1).locator(".widget-button:has-text('write')")
+    button.wait_for(timeout=60_000)
+    button.click()
+    written = cells.nth(1).locator(".widget-output")
+    page.wait_for_function("el => el.innerText.includes('the button wrote this')",
+                           arg=written.element_handle(), timeout=60_000)
+    assert printed.inner_text().strip() == "100"
+    assert written.inner_text().strip() == "the button wrote this"
+    # A callback still running when the next cell is run: as in a plain kernel, its output
+    # lands in its Output, and the cell's in the cell, whatever the order they end in.
+    wait_cell_done(page, 3)
+    cells.nth(2).locator(".widget-button:has-text('slow')").click()
+    run_cell(page, 3)
+    slow_out = cells.nth(2).locator(".widget-output")
+    page.wait_for_function("el => el.innerText.includes('the slow button wrote this')",
+                           arg=slow_out.element_handle(), timeout=60_000)
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget.content.widgets[3].model"
+        ".executionCount > 4", timeout=60_000)
+    assert cell_output(page, 3).strip() == "the next cell ran"
+    assert slow_out.inner_text().strip() == "the slow button wrote this"
+    shot = screenshot(page, "lab-widget-callbacks")
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def test_lab_session_tables_in_the_sandbox_kernel(lab, browser):
+    """The sandbox kernel shows %session dashboard, timing and history as HTML tables
+    (widgets need the extension): names left, figures right under their headers (JupyterLab
+    right-aligned every cell), a long cell cut with its whole text on hover."""
+    _notebook(lab["root"] / "tables.ipynb", [
+        "x = sum(range(10**6)); print('summed')",
+        "%session dashboard",
+        "%session timing",
+        "%session history",
+    ])
+    page = run_all(browser, lab, "tables.ipynb", "Python 3 (sandbox)", "sandbox-python",
+                   viewport={"width": 1280, "height": 900})
+    for i in range(4):
+        wait_cell_done(page, i)
+    cells = page.locator(".jp-NotebookPanel:visible .jp-Cell")
+    board = cells.nth(1).locator(".jp-OutputArea-output table")
+    align = board.evaluate("t => Array.from(t.rows).map(r => Array.from(r.cells)"
+                           ".map(c => getComputedStyle(c).textAlign[0]).join(''))")
+    assert set(align) == {"lllrrrrrrr"}, align  # name, status, language; then the figures
+    history = cells.nth(3).locator(".jp-OutputArea-output table")
+    code = history.locator("td[title]").first
+    assert code.get_attribute("title") == "x = sum(range(10**6)); print('summed')"
+    assert code.evaluate("c => c.scrollWidth > c.clientWidth")  # cut, with an ellipsis
+    shot = screenshot(page, "lab-session-tables")
     assert shot.stat().st_size > 10_000
     page.close()
 

@@ -132,15 +132,24 @@ def test_dashboard_widget_rows_and_buttons(shell, capsys):
         live = {s.id for s in manager.list(status=["running", "paused", "starting", "frozen"])}
         assert set(board.rows) == live
         row = board.rows[target]
-        assert row["cells"]["status"].value == "running"
-        assert row["cells"]["name"].value == "magic-dash"
-        assert "MiB" in row["cells"]["memory"].value and row["cells"]["files"].value == "0"
+
+        def text(cell: str) -> str:  # a cell's one line: its title, the whole value
+            return row["cells"][cell].value.split("title='")[1].split("'")[0]
+
+        assert text("status") == "running" and text("name") == "magic-dash"
+        assert "MiB" in text("memory") and text("files") == "0"
+        # One column template for the header and every row: headers sit over their values.
+        assert row["box"].layout.grid_template_columns == \
+            board.header.layout.grid_template_columns
+        assert "text-align:right" in row["cells"]["memory"].value
+        assert "text-align:left" in row["cells"]["name"].value
+        assert all(b.layout.width == "58px" for b in row["buttons"].values())
         row["buttons"]["pause"].click()
         assert manager.get_info("magic-dash")["status"] == "paused"
-        assert row["cells"]["status"].value == "paused"
+        assert text("status") == "paused"
         assert row["buttons"]["pause"].disabled and not row["buttons"]["resume"].disabled
         row["buttons"]["resume"].click()
-        assert row["cells"]["status"].value == "running"
+        assert text("status") == "running"
         row["buttons"]["close"].click()
         assert target not in board.rows
         assert "closed" in board.message.value
@@ -150,28 +159,46 @@ def test_dashboard_widget_rows_and_buttons(shell, capsys):
 
 
 def test_transfer_timing_and_insight_views_hold_the_figures():
+    """The views' models, as a frontend receives them: figures in fixed columns, a total
+    bar the size of the files' bars, names whole on hover, no dedup figure before it is
+    known, and an insights heading that does not run into its text."""
     from sandbox_magics.widgets import InsightsView, TimingView, TransferProgress
 
     view = TransferProgress("upload")
-    files = [{"name": "a.bin", "bytes_completed": 50, "bytes_total": 100, "status": "hashing"}]
+    name = "a-rather-long-directory-name/and-a-long-file-name.bin"
+    files = [{"name": name, "bytes_completed": 50, "bytes_total": 100, "status": "hashing"}]
     view.update({"files": files, "bytes_completed": 50, "bytes_total": 100, "files_done": 0,
-                 "files_total": 1, "stats": {"bytes_stored": 20, "chunks_reused": 3}})
-    bar, label = view.rows["a.bin"]
-    assert bar.value == 0.5 and view.total.value == 0.5
-    assert "saved by dedup: 30 B" in view.summary.value and "3 chunks reused" in view.summary.value
+                 "files_total": 1, "stats": {"bytes_stored": 0, "chunks_reused": 0}})
+    row = view.rows[name]
+    assert row["bar"].value == 0.5 and view.total.value == 0.5
+    assert "ETA" in view.summary.value and "dedup" not in view.summary.value  # not known yet
+    assert f"title='{name}'" in row["name"].value and "text-overflow:ellipsis" in \
+        row["name"].value
+    file_row, total_row = view.files.children[0], view.children[2]
+    assert file_row.layout.grid_template_columns == total_row.layout.grid_template_columns
+    assert row["bar"] in file_row.children and view.total in total_row.children
+    assert row["bar"].layout.width == view.total.layout.width == "auto"  # both fill a column
+    assert "text-align:right" in row["bytes"].value
     files[0].update(bytes_completed=100, status="done")
     view.update({"files": files, "bytes_completed": 100, "bytes_total": 100, "files_done": 1,
-                 "files_total": 1, "stats": {"bytes_stored": 20}})
-    assert bar.value == 1.0 and bar.bar_style == "success" and view.total.value == 1.0
+                 "files_total": 1, "stats": {"bytes_stored": 20, "chunks_reused": 3}})
+    assert row["bar"].value == 1.0 and row["bar"].bar_style == "success"
+    assert view.total.value == 1.0 and view.total.bar_style == "success"
+    assert ("newly stored: 20 B, 80 B saved by dedup and compression (3 chunks reused, "
+            "0 files unchanged)") in view.summary.value
 
     timing = TimingView({"resume": 0.9, "execute": 0.1, "total": 1.0})
-    widths = [seg.layout.width for seg in timing.segments]
-    assert widths == ["90.0%", "10.0%"]
+    assert timing.shares == {"resume": 90.0, "execute": 10.0}
+    table = timing.children[2].value
+    assert "table-layout:fixed" in table and "<col style='width:96px'>" in table
+    assert "text-align:right'>900.0 ms</td>" in table and "text-align:right'>90.0%</td>" in table
     bundle = timing._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert "resume" in bundle["text/plain"] and "90.0%" in bundle["text/plain"]
     insights = InsightsView(["resume took 0.9 s"])
-    assert "resume took 0.9 s" in insights.children[0].value
+    assert "<li style='line-height:1.4'>resume took 0.9 s</li>" in insights.children[0].value
+    none = InsightsView([]).children[0].value
+    assert none.startswith("<div><b>insights</b></div><div>")  # was "insightsno insights"
 
 
 def test_magics_in_a_kernel_show_widgets_with_text_fallbacks(tmp_path):
@@ -199,7 +226,8 @@ def test_magics_in_a_kernel_show_widgets_with_text_fallbacks(tmp_path):
         opened = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in msgs
                   if m["msg_type"] == "comm_open"}
         total = [cid for cid, st in opened.items()
-                 if st.get("_model_name") == "FloatProgressModel" and st["description"] == "total"]
+                 if st.get("_model_name") == "FloatProgressModel"
+                 and "sk-transfer-total" in st.get("_dom_classes", [])]
         assert len(total) == 1, "the upload's total bar"
         values = [m["content"]["data"]["state"]["value"] for m in msgs
                   if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == total[0]
@@ -256,11 +284,15 @@ def test_insights_name_the_figures_they_rest_on(shell, capsys):
     assert run_insights({"execute": 1.5, "total": 1.5}) == []  # the user's own code: no advice
     upload = transfer_insights({"bytes_hashed": 900 << 20}, 4.0, 1000 << 20)
     assert "90% of its 1000.0 MiB" in upload[0] and "4.00 s" in upload[0]
+    assert "`%session upload`" in upload[0] and "create(" not in upload[0]
     assert transfer_insights({"bytes_hashed": 0}, 4.0, 1000 << 20) == []  # all cached
     ip, magics, _ = shell
     magics.last_timing = {"resume": 1.5, "execute": 0.01, "total": 1.52}
     out, _ = run_line(capsys, ip, "insights")
     assert out.startswith("insight: resuming the paused session took 1.50 s")
+    # What to do, as the %session command to run (it named the API's mode= and set_timeout).
+    assert "`%session pause --freeze`" in out and "`%session timeout SECONDS`" in out, out
+    assert "mode=" not in out and "set_timeout(" not in out
 
 
 def test_pause_sums_up_widgets_and_resume_says_what_it_did(shell, capsys):

@@ -239,7 +239,7 @@ def test_transfer_widget_shows_file_names_escaped():
                            for n in names], "bytes_completed": len(names),
                  "bytes_total": len(names), "files_done": len(names),
                  "files_total": len(names), "stats": {}})
-    assert_inert("\n".join(bar.description for bar, _ in view.rows.values()), r"e\rf")
+    assert_inert("\n".join(row["name"].value for row in view.rows.values()), r"e\rf")
 
 
 def test_insights_widget_shows_insights_escaped():

@@ -30,7 +30,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .errors import NameTaken, SandboxError, SessionClosed, SessionDead, SessionNotFound
 from .limits import format_size
 from .shown import shown
-from .timing import run_insights, transfer_insights
+from .timing import install_insights, run_insights, transfer_insights
 from .workdir import relative_parts
 
 if TYPE_CHECKING:
@@ -412,8 +412,8 @@ async def install(ctx: CommandContext, args: Any) -> CommandOutput:
     """Install packages (uv, outside the sandbox; cached and shared between sessions)."""
     result = await (await ctx.current()).install(args.packages)
     ctx.last_timing = {f"install.{k}": v for k, v in result.timing.items()}
-    ctx.last_insights = list(result.insights)
-    lines = [shown(result.summary()), *(f"insight: {shown(i)}" for i in result.insights)]
+    ctx.last_insights = install_insights(result, commands=True)
+    lines = [shown(result.summary()), *(f"insight: {shown(i)}" for i in ctx.last_insights)]
     return CommandOutput("\n".join(lines), data={"timing": result.timing,
                                                   "layers": result.layers})
 
@@ -498,7 +498,7 @@ async def artifacts(ctx: CommandContext, args: Any) -> CommandOutput:
         return CommandOutput("no artifacts yet")
     rows = [(str(a.id), a.kind, a.mime, format_size(a.size), a.path or "-",
              ",".join(a.tags) or "-") for a in found]
-    return _table(("ID", "KIND", "MIME", "SIZE", "PATH", "TAGS"), rows)
+    return _table(("ID", "KIND", "MIME", "SIZE", "PATH", "TAGS"), rows, numeric=("ID", "SIZE"))
 
 
 async def _save_artifact(ctx: CommandContext, chosen: list[Any], args: Any) -> CommandOutput:
@@ -534,7 +534,8 @@ async def checkpoint(ctx: CommandContext, args: Any) -> CommandOutput:
                                                               time.localtime(c.created)),
              str(len(c.variables)), format_size(c.size), str(c.stats.get("chunks_new", 0)))
             for c in items]
-    return _table(("ID", "KIND", "NAME", "TIME", "NAMES", "SIZE", "NEW CHUNKS"), rows)
+    return _table(("ID", "KIND", "NAME", "TIME", "NAMES", "SIZE", "NEW CHUNKS"), rows,
+                  numeric=("ID", "NAMES", "SIZE", "NEW CHUNKS"))
 
 
 @command
@@ -574,7 +575,7 @@ async def history(ctx: CommandContext, args: Any) -> CommandOutput:
     rows = [(str(h["execution_count"] or ""), h["status"],
              f"{h['timing'].get('total', 0) * 1000:.1f} ms",
              (h["code"].strip().splitlines() or [""])[0][:70]) for h in runs]
-    return _table(("N", "STATUS", "TIME", "CODE"), rows)
+    return _table(("N", "STATUS", "TIME", "CODE"), rows, numeric=("N", "TIME"))
 
 
 # -- visibility -------------------------------------------------------------------
@@ -591,7 +592,7 @@ async def timing(ctx: CommandContext, args: Any) -> CommandOutput:
 @magic_arguments("session insights")
 async def insights(ctx: CommandContext, args: Any) -> CommandOutput:
     """The last run's bottleneck and what to do about it; idle sessions worth pausing."""
-    found = run_insights(ctx.last_timing or {}) + list(ctx.last_insights)
+    found = run_insights(ctx.last_timing or {}, commands=True) + list(ctx.last_insights)
     now = time.time()
     for s in _visible(ctx, await ctx.manager._async_list("running")):
         i = s.info()
@@ -654,7 +655,8 @@ def render_sessions(infos: list[dict[str, Any]]) -> CommandOutput:
         return CommandOutput("no sessions; `%session new` creates one",
                              data={"view": "sessions", "sessions": []})
     rows = [session_row(i) for i in infos]
-    out = _table(tuple(k.upper() for k in rows[0]), [tuple(r.values()) for r in rows])
+    out = _table(tuple(k.upper() for k in rows[0]), [tuple(r.values()) for r in rows],
+                 numeric=("LEASE", "CPU", "MEMORY", "PACKAGES", "FILES", "RUNS", "LAST RUN"))
     out.data = {"view": "sessions", "sessions": infos}
     return out
 
@@ -689,12 +691,42 @@ def render_timing(timing: dict[str, float] | None) -> CommandOutput:
     for stage, seconds in timing.items():
         share = f"{100 * seconds / total:5.1f}%" if total and stage != "total" else ""
         lines.append(f"{stage:10} {seconds * 1000:10.1f} ms {share}")
-    bar = "".join(
-        f"<div title='{_esc(s)}' style='display:inline-block;height:12px;width:"
-        f"{max(1.0, 100 * v / total):.1f}%;background:{stage_color(i)}'></div>"
-        for i, (s, v) in enumerate(timing.items()) if s != "total" and total)
-    markup = f"<div style='width:100%'>{bar}</div><pre>{_esc(chr(10).join(lines))}</pre>"
-    return CommandOutput("\n".join(lines), markup, data={"view": "timing", "timing": timing})
+    bar, table = timing_html(timing)
+    return CommandOutput("\n".join(lines), bar + table,
+                         data={"view": "timing", "timing": timing})
+
+
+_TD = "padding:1px 8px 1px 0;white-space:nowrap;overflow:hidden;text-overflow:ellipsis"
+
+
+def timing_html(timing: dict[str, float]) -> tuple[str, str]:
+    """A run's stages as HTML, for the kernel and the timing widget alike: a bar with a
+    segment per stage (its share of the total; time no stage accounts for is left blank),
+    and a table in fixed columns (colour, stage, time, share) with the figures
+    right-aligned under their headers."""
+    total = timing.get("total") or sum(timing.values()) or 1.0
+    stages = [(k, v) for k, v in timing.items() if k != "total"]
+    bar = ("<div style='display:flex;width:100%;max-width:640px;height:14px;overflow:hidden'>"
+           + "".join(f"<div title='{_esc(shown(k))}: {v * 1000:.1f} ms' style='flex:0 0 "
+                     f"{max(0.5, 100 * v / total):.1f}%;background:{stage_color(i)}'></div>"
+                     for i, (k, v) in enumerate(stages)) + "</div>")
+    rows = "".join(
+        f"<tr><td style='{_TD}'>"
+        + ("" if k == "total" else f"<span style='display:inline-block;width:10px;height:10px;"
+                                   f"background:{stage_color(i)}'></span>")
+        + f"</td><td style='{_TD};text-align:left' title='{_esc(shown(k))}'>{_esc(shown(k))}"
+        f"</td><td style='{_TD};text-align:right'>{v * 1000:.1f} ms</td>"
+        f"<td style='{_TD};text-align:right'>{'' if k == 'total' else f'{100 * v / total:.1f}%'}"
+        "</td></tr>"
+        for i, (k, v) in enumerate([*stages, ("total", total)]))
+    table = ("<table style='border-collapse:collapse;table-layout:fixed;line-height:1.5'>"
+             "<colgroup><col style='width:18px'><col style='width:180px'>"
+             "<col style='width:96px'><col style='width:64px'></colgroup>"
+             f"<tr><th style='{_TD}'></th><th style='{_TD};text-align:left'>stage</th>"
+             f"<th style='{_TD};text-align:right'>time</th>"
+             f"<th style='{_TD};text-align:right'>share</th></tr>"
+             f"{rows}</table>")
+    return bar, table
 
 
 def render_insights(found: list[str]) -> CommandOutput:
@@ -708,16 +740,30 @@ def render_insights(found: list[str]) -> CommandOutput:
                          data={"view": "insights", "insights": found})
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> CommandOutput:
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]],
+           numeric: tuple[str, ...] = ()) -> CommandOutput:
     """A text table and its HTML. A cell is one line, so every cell is escaped here, where
-    no caller can forget it: artifact paths, MIME types, labels and code come from sandboxes."""
+    no caller can forget it: artifact paths, MIME types, labels and code come from sandboxes.
+    The columns named in ``numeric`` are right-aligned, the others left-aligned (JupyterLab
+    right-aligns every cell of a table otherwise); a cell longer than 24 characters is cut
+    with an ellipsis in the HTML, and whole in its title (shown on hover)."""
     rows = [tuple(shown(v) for v in r) for r in rows]
     widths = [max(len(str(r[c])) for r in [head, *rows]) for c in range(len(head))]
     text = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                      for r in [head, *rows])
-    markup = ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"
-              + "".join("<tr>" + "".join(f"<td>{_esc(str(v))}</td>" for v in r) + "</tr>"
-                        for r in rows) + "</table>")
+    align = [f"text-align:{'right' if h in numeric else 'left'};white-space:nowrap"
+             for h in head]
+
+    def cell(value: str, style: str) -> str:
+        if len(value) <= 24:
+            return f"<td style='{style}'>{_esc(value)}</td>"
+        return (f"<td style='{style};max-width:16em;overflow:hidden;text-overflow:ellipsis' "
+                f"title='{_esc(value)}'>{_esc(value)}</td>")
+
+    markup = ("<table><tr>" + "".join(f"<th style='{a}'>{_esc(h)}</th>"
+                                      for h, a in zip(head, align, strict=True)) + "</tr>"
+              + "".join("<tr>" + "".join(cell(str(v), a) for v, a in zip(r, align, strict=True))
+                        + "</tr>" for r in rows) + "</table>")
     return CommandOutput(text, markup)
 
 
