@@ -125,7 +125,7 @@ def test_dashboard_widget_rows_and_buttons(shell, capsys):
 
     ip, magics, manager = shell
     run_line(capsys, ip, "new magic-dash")
-    run_cell(capsys, ip, "", "x = 1")
+    run_cell(capsys, ip, "", "import threading\nx = 1; lock = threading.Lock()")
     board = Dashboard(magics._dashboard_rows, magics._dashboard_act, refresh=0)
     try:
         target = manager.get("magic-dash").id
@@ -146,6 +146,7 @@ def test_dashboard_widget_rows_and_buttons(shell, capsys):
         assert all(b.layout.width == "58px" for b in row["buttons"].values())
         row["buttons"]["pause"].click()
         assert manager.get_info("magic-dash")["status"] == "paused"
+        assert "magic-dash: paused\nnot saved: lock: TypeError" in board.message.value
         assert text("status") == "paused"
         assert row["buttons"]["pause"].disabled and not row["buttons"]["resume"].disabled
         row["buttons"]["resume"].click()

@@ -39,6 +39,7 @@ from sandbox_kernel.commands import (
     CommandOutput,
     _with_usage,
     in_session_words,
+    not_saved,
     parse_args,
     report_text,
     run_command,
@@ -244,7 +245,7 @@ class SessionMagics(Magics):
         name = shown(session.name)
         if action == "pause":
             out = portal.call(session.pause())
-            return f"{name}: {out['status']}"
+            return "\n".join([f"{name}: {out['status']}", *not_saved(out.get("skipped", {}))])
         if action == "resume":
             return f"{name}: {report_text(portal.call(session.resume()))}"
         if action == "renew":

@@ -222,7 +222,7 @@ async def new(ctx: CommandContext, args: Any) -> CommandOutput:
     except Exception as exc:
         if not await _drop_unborn(ctx, name, began):
             raise
-        again = f"`%session new {shown(name)}`" if name else "`%session new`"
+        again = f"`%session new {shown(args.name)}`" if args.name else "`%session new`"
         raise CommandError(f"%session new: the session could not be started: {shown(exc)}; "
                            f"nothing of it was kept, so {again} can try again") from None
     _claim(ctx, session)
