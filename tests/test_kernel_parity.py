@@ -1,0 +1,175 @@
+"""The sandbox kernel beside a plain ipykernel: the same messages in, the same sequence out.
+
+Each test drives a real plain ipykernel ("python3", from this environment) and the sandbox
+kernel through jupyter_client with the same requests, and compares what comes back on
+iopub and shell, message by message: types, which request each names as its parent, the
+order of busy and idle, the execution counts. A frontend acts on exactly these: JupyterLab
+ends a request's future at its idle (output after it is dropped) and shows the kernel idle
+at any idle status, so a difference here is a difference the user sees.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+#: Seconds to wait for any one message before calling a kernel stuck (a test fails then).
+STUCK = 60
+
+
+@pytest.fixture(autouse=True)
+def _home(kernel_home):
+    return kernel_home
+
+
+@pytest.fixture
+def kernels():
+    """start(kernel_name, notebook=None) -> (manager, client), both shut down afterwards."""
+    started: list[tuple[KernelManager, BlockingKernelClient]] = []
+
+    def start(kernel_name: str, notebook: str | None = None):
+        km = KernelManager(kernel_name=kernel_name)
+        env = {**os.environ}
+        if notebook:
+            env["JPY_SESSION_NAME"] = notebook
+        km.start_kernel(env=env)
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=90)
+        started.append((km, kc))
+        _drain(kc)
+        return km, kc
+
+    yield start
+    for km, kc in started:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _drain(kc: BlockingKernelClient) -> None:
+    """Drop what start-up left on iopub (kernel_info's status, iopub_welcome)."""
+    while True:
+        try:
+            kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            return
+
+
+def send(kc: BlockingKernelClient, msg_type: str, content: dict[str, Any]) -> str:
+    msg = kc.session.msg(msg_type, content)
+    kc.session.send(kc.shell_channel.socket, msg)
+    return msg["header"]["msg_id"]
+
+
+def shape(msg: dict[str, Any], labels: dict[str, str]) -> tuple[Any, ...]:
+    """What a frontend acts on in one iopub message, with request ids as their labels."""
+    kind, c = msg["msg_type"], msg["content"]
+    if kind == "status":
+        return (kind, c["execution_state"])
+    if kind == "execute_input":
+        return (kind, c["execution_count"])
+    if kind == "stream":
+        return (kind, c["name"], c["text"])
+    if kind == "execute_result":
+        return (kind, c["execution_count"], c["data"].get("text/plain"))
+    if kind == "comm_msg":  # model ids differ between the kernels; what is said does not
+        state = c["data"].get("state", {})
+        captured_by = state.get("msg_id")  # an Output widget capturing under a request
+        return (kind, c["data"].get("method"), tuple(sorted(state)),
+                labels.get(captured_by, captured_by))
+    if kind == "clear_output":
+        return (kind, c["wait"])
+    if kind == "error":
+        return (kind, c["ename"])
+    if kind == "display_data":
+        return (kind, c["data"].get("text/plain"))
+    return (kind,)
+
+
+def trace(kc: BlockingKernelClient, labels: dict[str, str], until: set[str]) -> list[tuple]:
+    """The iopub messages whose parent is one of ``labels`` (msg_id -> label), in order, as
+    (label, *shape), until each request in ``until`` has said idle. Stream pieces in a row
+    are joined: where a print's text is cut depends on flush timing, in both kernels."""
+    seen: list[tuple] = []
+    waiting = set(until)
+    while waiting:
+        msg = kc.get_iopub_msg(timeout=STUCK)  # queue.Empty: a kernel is stuck
+        parent = msg["parent_header"].get("msg_id")
+        if parent not in labels:
+            continue
+        item = (labels[parent], *shape(msg, labels))
+        if seen and item[1] == "stream" and seen[-1][:3] == item[:3]:
+            seen[-1] = (*item[:3], seen[-1][3] + item[3])
+        else:
+            seen.append(item)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            waiting.discard(parent)
+    return seen
+
+
+def reply_to(kc: BlockingKernelClient, msg_id: str) -> dict[str, Any]:
+    while True:
+        reply = kc.get_shell_msg(timeout=STUCK)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply["content"]
+
+
+def comm_ids(msgs: list[dict[str, Any]], model: str) -> list[str]:
+    return [m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"
+            and m["content"]["data"]["state"].get("_model_name") == model]
+
+
+def run(kc: BlockingKernelClient, code: str) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = []
+    reply = kc.execute_interactive(code, timeout=STUCK, output_hook=msgs.append)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return msgs
+
+
+def both(kernels, notebook: str) -> dict[str, BlockingKernelClient]:
+    return {"plain": kernels("python3")[1], "sandbox": kernels("sandbox-python", notebook)[1]}
+
+
+# -- top-level await ------------------------------------------------------------------------
+
+ASYNC_CELLS = [
+    "import asyncio\nawait asyncio.sleep(0.05)",
+    "async def ticks(n):\n"
+    "    for i in range(n):\n"
+    "        await asyncio.sleep(0.01)\n"
+    "        yield i\n"
+    "async for i in ticks(3):\n"
+    "    print('tick', i)",
+    "import contextlib\n"
+    "@contextlib.asynccontextmanager\n"
+    "async def opened(name):\n"
+    "    print('open', name)\n"
+    "    yield name.upper()\n"
+    "    print('close', name)\n"
+    "async with opened('db') as handle:\n"
+    "    await asyncio.sleep(0.01)\n"
+    "handle",
+    "await asyncio.gather(*(asyncio.sleep(0.01, result=n) for n in range(3)))",
+]
+
+
+def test_top_level_await_async_for_and_async_with(kernels):
+    """As in IPython: a cell may await. The sandbox kernel never answered
+    ``await asyncio.sleep(0.05)`` (its inner ipykernel raised inside do_execute)."""
+    clients = both(kernels, "work/parity-await.ipynb")
+    seen = {}
+    for name, kc in clients.items():
+        seen[name] = []
+        for code in ASYNC_CELLS:
+            cell = kc.execute(code)
+            seen[name] += trace(kc, {cell: "cell"}, until={cell})
+            reply = reply_to(kc, cell)
+            seen[name].append(("cell reply", reply["status"], reply["execution_count"]))
+    assert ("cell", "stream", "stdout", "tick 0\ntick 1\ntick 2\n") in seen["plain"]
+    assert ("cell", "execute_result", 3, "'DB'") in seen["plain"]
+    assert seen["sandbox"] == seen["plain"]
