@@ -135,6 +135,97 @@ def both(kernels, notebook: str) -> dict[str, BlockingKernelClient]:
     return {"plain": kernels("python3")[1], "sandbox": kernels("sandbox-python", notebook)[1]}
 
 
+# -- comm messages ------------------------------------------------------------------------
+
+WIDGETS = """\
+import time
+import ipywidgets as w
+from ipywidgets import interact
+slider = w.IntSlider()
+slider.observe(lambda change: (time.sleep(0.3), print('value', change['new'])), 'value')
+out = w.Output()
+button = w.Button(description='go')
+def clicked(_):
+    with out:
+        print('clicked')
+button.on_click(clicked)
+display(slider, button, out)
+"""
+
+
+def widget_session(kc: BlockingKernelClient) -> list[tuple]:
+    """Widget callbacks that print, each followed at once by a cell, as a user moves a
+    slider or clicks and then runs the next cell: the sequence the kernel answers with."""
+    msgs = run(kc, WIDGETS)
+    (slider,) = comm_ids(msgs, "IntSliderModel")
+    (button,) = comm_ids(msgs, "ButtonModel")
+    msgs = run(kc, "interact(lambda n: print(n), n=(0, 100));")
+    (interact_slider,) = comm_ids(msgs, "IntSliderModel")
+    seen = []
+    for comm_id, data in (
+        (slider, {"method": "update", "state": {"value": 5}, "buffer_paths": []}),
+        (button, {"method": "custom", "content": {"event": "click"}}),
+        (interact_slider, {"method": "update", "state": {"value": 7}, "buffer_paths": []}),
+    ):
+        comm = send(kc, "comm_msg", {"comm_id": comm_id, "data": data})
+        cell = kc.execute("print('next cell')")
+        seen += trace(kc, {comm: "comm", cell: "cell"}, until={comm, cell})
+        seen.append(("cell reply", reply_to(kc, cell)["execution_count"]))
+    return seen
+
+
+def test_comm_messages_are_answered_as_a_plain_kernel_answers_them(kernels):
+    """busy, everything the handler sends (an observer's print, a Button writing into an
+    Output, interact's function), then idle, all under the comm message; and only then
+    the next cell's busy. The sandbox kernel's idle for the comm came while the next cell
+    ran, so JupyterLab showed the kernel idle with a cell running."""
+    clients = both(kernels, "work/parity-comms.ipynb")
+    plain = widget_session(clients["plain"])
+    sandbox = widget_session(clients["sandbox"])
+    assert ("comm", "stream", "stdout", "value 5\n") in plain
+    assert ("comm", "comm_msg", "update", ("msg_id",), "comm") in plain  # Output captures
+    assert ("comm", "stream", "stdout", "7\n") in plain
+    assert sandbox == plain
+
+
+def test_a_cell_awaiting_a_widget_gets_its_change(kernels):
+    """A comm message that comes while a cell awaits is handled at once (ipykernel does so
+    without busy or idle), so a cell can await a widget; the sandbox kernel passes it on
+    while its cell runs, as the design has it, and the sandbox handles it as a plain
+    kernel does."""
+    clients = both(kernels, "work/parity-await-widget.ipynb")
+    seen = {}
+    for name, kc in clients.items():
+        msgs = run(kc, "import asyncio, ipywidgets as w\n"
+                       "changed = asyncio.get_running_loop().create_future()\n"
+                       "slider = w.IntSlider()\n"
+                       "slider.observe(lambda c: changed.done() or changed.set_result(c['new']),"
+                       " 'value')\n"
+                       "slider")
+        (slider,) = comm_ids(msgs, "IntSliderModel")
+        cell = kc.execute("print('got', await changed)")
+        labels = {cell: "cell"}
+        before: list[tuple] = []  # as a frontend: the widget is moved once the cell runs
+        while not any(item[1] == "execute_input" for item in before):
+            before += trace_one(kc, labels)
+        comm = send(kc, "comm_msg", {"comm_id": slider, "data": {
+            "method": "update", "state": {"value": 5}, "buffer_paths": []}})
+        labels[comm] = "comm"
+        seen[name] = before + trace(kc, labels, until={cell})
+        seen[name].append(("cell reply", reply_to(kc, cell)["execution_count"]))
+    assert ("cell", "stream", "stdout", "got 5\n") in seen["plain"]
+    assert seen["sandbox"] == seen["plain"]
+
+
+def trace_one(kc: BlockingKernelClient, labels: dict[str, str]) -> list[tuple]:
+    """The next iopub message for one of ``labels``, shaped as ``trace`` does."""
+    while True:
+        msg = kc.get_iopub_msg(timeout=STUCK)
+        parent = msg["parent_header"].get("msg_id")
+        if parent in labels:
+            return [(labels[parent], *shape(msg, labels))]
+
+
 # -- top-level await ------------------------------------------------------------------------
 
 ASYNC_CELLS = [

@@ -112,6 +112,10 @@ class SandboxKernel(Kernel):
         self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._stdin_cancel = threading.Event()
         self._comm_chain: asyncio.Future[None] | None = None
+        #: Comm messages handed on to the sandbox, and how many of them it has finished
+        #: as far as we know (see _settle_comms).
+        self._comms_forwarded = 0
+        self._comms_settled = 0
         self._early: _CellRelay | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: What the first cell should be told about how its session was found.
@@ -341,7 +345,14 @@ class SandboxKernel(Kernel):
 
     async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *,
                              concurrent: bool = False) -> None:
-        """Start a plain execute_request in the sandbox before ipykernel's bookkeeping.
+        """Let the sandbox finish the comm messages before this request, then start a plain
+        execute_request in the sandbox before ipykernel's bookkeeping.
+
+        A plain kernel handles shell messages one at a time: a comm message's
+        busy, outputs and idle all come before the next request's busy. Comm
+        messages are handed on at once (see _forward_comm), so a request that
+        follows them first waits until the sandbox has finished them; else the
+        comm's idle, arriving while a cell runs, showed the kernel idle.
 
         ipykernel parses the request again and publishes busy and
         execute_input before ``do_execute`` runs (about 0.6 ms here); sending
@@ -349,20 +360,29 @@ class SandboxKernel(Kernel):
         that come back early are held until ``do_execute`` starts, so the
         frontend sees the usual order.
         """
-        if not concurrent and not self._aborting:
-            self._early = self._start_early(msg)
+        if not concurrent:
+            request = self._peek(msg)
+            if request is not None and request["msg_type"] not in COMMS:
+                if self._comms_forwarded > self._comms_settled:
+                    await self._settle_comms()
+                if not self._aborting:
+                    self._early = self._start_early(request)
         await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
 
-    def _start_early(self, frames: Any) -> _CellRelay | None:
+    def _peek(self, frames: Any) -> dict[str, Any] | None:
+        """The request in ``frames``, or None when it does not parse (ipykernel's own
+        parsing then rejects or handles it)."""
+        try:
+            idents, body = self.session.feed_identities(frames, copy=False)
+            return unpack_message(self.session, [bytes(f) for f in body],
+                                  self.session.digest_history)
+        except Exception:
+            return None
+
+    def _start_early(self, request: dict[str, Any]) -> _CellRelay | None:
         sandbox = self.sandbox
         if sandbox is None or not sandbox.ready():
             return None
-        try:
-            idents, body = self.session.feed_identities(frames, copy=False)
-            request = unpack_message(self.session, [bytes(f) for f in body],
-                                     self.session.digest_history)
-        except Exception:
-            return None  # ipykernel's own parsing will reject or handle it
         content = request["content"]
         if request["msg_type"] != "execute_request" or "%session" in content.get("code", ""):
             return None
@@ -553,6 +573,28 @@ class SandboxKernel(Kernel):
         self._guard.comms.from_frontend(parent["header"]["msg_type"], parent["content"])
         previous = self._comm_chain
         self._comm_chain = asyncio.ensure_future(self._send_comm(parent, previous))
+        self._comms_forwarded += 1
+
+    async def _settle_comms(self) -> None:
+        """Wait until the sandbox has finished the comm messages handed on so far.
+
+        One kernel_info_request after them on the same socket: the sandbox handles shell
+        messages in order, so its idle for that request follows everything it published
+        for them (on one iopub socket, relayed as it comes). A comm it handled while a
+        cell of its own awaited (ipykernel does so, with no busy or idle) is done by then
+        too. Not before the sandbox is up: comms still waiting for it go first then.
+        """
+        target = self._comms_forwarded
+        chain, sandbox = self._comm_chain, self.sandbox
+        if sandbox is None or not sandbox.ready():
+            return
+        if chain is not None:
+            await asyncio.wait([chain])
+        try:
+            await sandbox.request("kernel_info_request", {})
+        except Exception as exc:  # the request that follows meets the reason, if it lasts
+            self.log.warning("could not wait for the sandbox's comm handlers: %s", exc)
+        self._comms_settled = max(self._comms_settled, target)
 
     async def _send_comm(self, parent: dict, previous: asyncio.Future[None] | None) -> None:
         if previous is not None:
@@ -562,7 +604,8 @@ class SandboxKernel(Kernel):
             conn = await sandbox.connection()
         except Exception as exc:
             self.log.warning("dropped %s: %s", parent["header"]["msg_type"], exc)
-            Kernel._publish_status(self, "idle", "shell", parent)  # its future ends all the same
+            for status in ("busy", "idle"):  # as a kernel that ignores it: its future ends
+                Kernel._publish_status(self, status, "shell", parent)
             return
         msg = self.session.msg(parent["header"]["msg_type"], parent["content"],
                                metadata=parent.get("metadata"))
