@@ -3,14 +3,7 @@ REST API as JupyterLab uses it, and the sandbox kernels it starts."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
-import shutil
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +12,8 @@ import pytest
 from jupyter_client import BlockingKernelClient
 
 from .conftest import needs_bwrap, short_tmpdir
-from .test_browser import _free_port, _notebook
+from .jupyter_server import jupyter_process
+from .test_browser import _notebook
 
 KERNEL = "sandbox-python"
 
@@ -88,37 +82,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(kernel_home) -> Iterator[Server]:
-    root = short_tmpdir("skrn-")
-    runtime = root / ".runtime"
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"),
-           "JUPYTER_RUNTIME_DIR": str(runtime)}
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
-         f"--port={port}", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Jupyter Server did not start: "
-                                   f"{(root / 'server.log').read_text()}") from None
-            time.sleep(0.3)
-    try:
-        yield Server(base, token, root, runtime)
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
-        proc.kill()
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
+    with jupyter_process("jupyter_server", short_tmpdir("skrn-")) as proc:
+        yield Server(proc["base"], proc["token"], proc["root"], proc["runtime"])
 
 
 @needs_bwrap

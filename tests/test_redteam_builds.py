@@ -77,6 +77,11 @@ def _sdist(directory: Path, name: str, version: str, marker: Path) -> Path:
         f"{module}/__init__.py": "",
         "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
     }
+    return _tar(directory, root, files)
+
+
+def _tar(directory: Path, root: str, files: dict[str, str]) -> Path:
+    """``root.tar.gz`` in ``directory``, holding ``files`` (relative path: text) under ``root/``."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{root}.tar.gz"
     with tarfile.open(path, "w:gz") as tf:
@@ -225,15 +230,7 @@ def _probing_sdist(directory: Path, name: str, marker: Path, mode: str = "honest
     if not backend:
         files["probing_backend.py"] = _PROBING_BACKEND.format(
             name=name, module=module, version="1.0", marker=str(marker), mode=mode)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{root}.tar.gz"
-    with tarfile.open(path, "w:gz") as tf:
-        for rel, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{root}/{rel}")
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return _tar(directory, root, files)
 
 
 @pytest.fixture
