@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import queue
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
+
+from sandbox_kernel import SessionManager
 
 #: Seconds to wait for any one message before calling a kernel stuck (a test fails then).
 STUCK = 60
@@ -264,3 +268,124 @@ def test_top_level_await_async_for_and_async_with(kernels):
     assert ("cell", "stream", "stdout", "tick 0\ntick 1\ntick 2\n") in seen["plain"]
     assert ("cell", "execute_result", 3, "'DB'") in seen["plain"]
     assert seen["sandbox"] == seen["plain"]
+
+
+# -- execution counts -----------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    code: str
+    silent: bool
+    status: str = ""
+    #: execute_input's count (None: none came), the reply's, each execute_result's.
+    shown: int | None = None
+    replied: int | None = None
+    results: list[int] = field(default_factory=list)
+    outputs: list[tuple] = field(default_factory=list)
+
+
+def run_cell(kc: BlockingKernelClient, code: str, silent: bool = False) -> Cell:
+    cell = Cell(code, silent)
+    msg_id = kc.execute(code, silent=silent, stop_on_error=False)
+    for _, *rest in trace(kc, {msg_id: "cell"}, until={msg_id}):
+        if rest[0] == "execute_input":
+            cell.shown = rest[1]
+        elif rest[0] == "execute_result":
+            cell.results.append(rest[1])
+        if rest[0] not in ("status", "execute_input"):
+            cell.outputs.append(tuple(rest))
+    reply = reply_to(kc, msg_id)
+    cell.status, cell.replied = reply["status"], reply["execution_count"]
+    return cell
+
+
+def assert_numbered_as_a_plain_kernel_numbers(cells: list[Cell]) -> None:
+    """Each cell takes the next number: execute_input, reply and result agree on it; a
+    silent cell takes none and its reply names the last one."""
+    last = 0
+    for cell in cells:
+        if cell.silent:
+            assert (cell.shown, cell.replied) == (None, last), cell
+        else:
+            assert cell.shown == cell.replied == last + 1, cell
+            assert all(n == cell.shown for n in cell.results), cell
+            last = cell.shown
+
+
+def test_execution_counts_go_on_across_session_commands_pause_resume_and_restart(kernels):
+    """A %session cell takes a number (the proxy runs it, the sandbox never sees it); the
+    next cell must not take it again, nor may a resumed sandbox (paused at an earlier
+    count) or a restarted kernel (which forgot its count) number a cell lower."""
+    _, plain = kernels("python3")
+    km, kc = kernels("sandbox-python", "work/parity-counts.ipynb")
+    script = [  # (code, silent); the plain kernel runs those before the first restart that
+        # are not %session lines
+        ("a = 1", False),
+        ("%session info", False),
+        ("a", False),
+        ("1 / 0", False),
+        ("%session pause", False),
+        ("a + 1", False),  # resumes the session
+        ("%session timing", False),
+        ("silently = True", True),
+        ("RESTART", False),
+        ("a + 2", False),
+        ("%session checkpoint --name counted", False),
+        ("RESTART", False),  # right after a %session cell
+        ("silently", True),
+        ("a + 3", False),
+        ("In[11], In[10], Out[10]", False),
+    ]
+    cells, plain_cells = [], []
+    for code, silent in script:
+        if code == "RESTART":
+            km.restart_kernel(now=False)
+            kc.wait_for_ready(timeout=90)
+            _drain(kc)
+            plain = None
+            continue
+        cells.append(run_cell(kc, code, silent))
+        if plain is not None and "%session" not in code:
+            plain_cells.append(run_cell(plain, code, silent))
+    by_code = {c.code: c for c in cells}
+    assert by_code["%session pause"].status == "ok"
+    assert by_code["a + 1"].outputs == [("execute_result", 6, "2")]
+    # The resume happened for that cell: its timing says so.
+    (timing,) = by_code["%session timing"].outputs
+    assert "resume" in timing[1], timing
+    # The sandbox's In and Out are numbered as the frontend numbered the cells.
+    assert cells[-1].outputs == [("execute_result", 11, "('In[11], In[10], Out[10]', "
+                                                        "'a + 3', 4)")]
+    # A plain kernel numbers its cells 1, 2, 3...; the sandbox kernel numbers its cells,
+    # %session ones too, the same way, and goes on across pause, resume and restarts.
+    assert [c.status for c in plain_cells] == ["ok", "ok", "error", "ok", "ok"]
+    assert_numbered_as_a_plain_kernel_numbers(plain_cells)
+    assert_numbered_as_a_plain_kernel_numbers(cells)
+    assert [c.shown for c in cells if not c.silent] == list(range(1, 12))
+
+
+def test_execution_counts_go_on_when_a_dead_session_comes_back(kernels, kernel_home):
+    """A notebook reopened after its sandbox died gets it back from a checkpoint, with the
+    cells after it replayed (at the checkpoint's count); its next cell still takes the
+    number after the last one shown, a %session cell's included."""
+    km, kc = kernels("sandbox-python", "work/parity-replay.ipynb")
+    cells = [run_cell(kc, "kept = 1"), run_cell(kc, "%session checkpoint --name base"),
+             run_cell(kc, "kept += 1"), run_cell(kc, "%session info")]
+    manager = SessionManager(home=str(kernel_home))
+    (session,) = [s for s in manager.list(status="running")
+                  if s.name.startswith("parity-replay-")]
+    # The kernel records a cell just after replying to it; the kill must come after.
+    deadline = time.monotonic() + 30
+    while "kept += 1" not in [h["code"] for h in session.history()] and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+    os.kill(session.info()["pid"], 9)  # the supervisor: its sandbox dies with it
+    while manager.get_info(session.id)["status"] != "dead" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert manager.get_info(session.id)["status"] == "dead"
+    _, kc = kernels("sandbox-python", "work/parity-replay.ipynb")
+    cells.append(run_cell(kc, "kept"))
+    assert cells[-1].outputs[-1] == ("execute_result", 5, "2")  # the checkpoint, replayed
+    assert_numbered_as_a_plain_kernel_numbers(cells)

@@ -116,6 +116,9 @@ class SandboxKernel(Kernel):
         #: as far as we know (see _settle_comms).
         self._comms_forwarded = 0
         self._comms_settled = 0
+        #: The number the sandbox's next stored cell takes, as last seen (None: not known,
+        #: as after a restart, a %session command or a resume). See _run_code.
+        self._sandbox_next: int | None = None
         self._early: _CellRelay | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: What the first cell should be told about how its session was found.
@@ -123,6 +126,8 @@ class SandboxKernel(Kernel):
         #: Cells waiting for their session to start, and whether an interrupt came meanwhile.
         self._cells_waiting = 0
         self._interrupted_waiting = False
+        #: Interrupts handed to the sandbox so far (one that came between requests is lost).
+        self._interrupts = 0
         #: What the sandbox sends the frontend passes these (see frontend_guard).
         self.output_policy = OutputPolicy(parent=self)
         self.widget_policy = WidgetPolicy(parent=self)
@@ -131,8 +136,36 @@ class SandboxKernel(Kernel):
     # -- start-up: find or create the session, in the background -----------
 
     def start(self) -> None:
+        # Before any request: a restarted kernel's first cell goes on from the numbers the
+        # notebook has shown, not from 1 (its execute_input goes out before the session
+        # is found).
+        self.execution_count = self._count_so_far()
         super().start()
         self.io_loop.add_callback(self._begin)
+
+    def _count_so_far(self) -> int:
+        """The highest execution count the notebook's session has shown (0 when none)."""
+        try:
+            registry = self._manager().registry
+            wanted = (self.session_name or registry.bound(self.binding_key)
+                      or registry.bound(self._kernel_key))  # (a restart after a rename)
+            row = registry.find(wanted) if wanted else None
+        except Exception as exc:  # the first cell reports what is wrong; start-up goes on
+            self.log.warning("could not read the session's execution count: %s", exc)
+            return 0
+        return int(row["execution_count"] or 0) if row else 0
+
+    def _keep_count(self) -> None:
+        """Record the count of a cell the session did not run (a %session command, or a
+        cell that never reached it), so that a restarted kernel goes on after it."""
+        try:
+            registry = self._manager().registry
+            session_id = registry.bound(self.binding_key) or (self.sandbox and self.sandbox.id)
+            if session_id:
+                registry.raise_execution_count(session_id, self.execution_count)
+        except Exception as exc:  # the cell's reply must go out all the same
+            self.log.warning("could not record execution count %s: %s",
+                             self.execution_count, exc)
 
     def _begin(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -228,14 +261,15 @@ class SandboxKernel(Kernel):
     async def _adopt(self, session: AsyncSession) -> AsyncSession:
         self.sandbox = session
         self._guard = self._new_guard(session)
+        self._sandbox_next = None  # another sandbox, or the same one started again
         session.on_unrouted = self._relay_unrouted
         session.keep_alive(True)  # an open notebook keeps its session's lease
+        row = self._manager().registry.session(session.id)
+        self.execution_count = max(self.execution_count, row["execution_count"] if row else 0)
         if session.status in ("starting", "running", "paused", "frozen"):  # attaching resumes
             with contextlib.suppress(SandboxError):
                 reply = await session.request("kernel_info_request", {})
                 self._inner_info = reply["content"]
-                count = self._manager().registry.session(session.id)["execution_count"]
-                self.execution_count = max(self.execution_count, count)
         return session
 
     async def _sandbox(self) -> AsyncSession:
@@ -386,6 +420,8 @@ class SandboxKernel(Kernel):
         content = request["content"]
         if request["msg_type"] != "execute_request" or "%session" in content.get("code", ""):
             return None
+        if not content.get("silent") and self._sandbox_next != self.execution_count + 1:
+            return None  # the sandbox's count must catch up first (see _run_code)
         early = _CellRelay(self, request["msg_id"])
         cell_id = request["metadata"].get("cellId")
         try:
@@ -415,12 +451,17 @@ class SandboxKernel(Kernel):
                                                  user_expressions or {}, allow_stdin, cell_meta)
             except Exception as exc:  # a reply must always come, or the frontend waits forever
                 self.log.exception("sandbox kernel failed to run a cell")
-                return self._error_reply(exc, hint="(an internal error of sandbox-kernel)")
+                reply = self._error_reply(exc, hint="(an internal error of sandbox-kernel)")
             if reply["status"] != "ok":
                 break
+        if not silent and (reply["status"] != "ok" or any(k == "command" for k, _ in parts)):
+            self._keep_count()  # a number the session's own record may not have
         return reply
 
     async def _run_command(self, line: str) -> dict[str, Any]:
+        # A command may start, resume, restore or swap the sandbox: its count is asked
+        # again before the next cell.
+        self._sandbox_next = None
         try:
             out = await run_command(self, line)
         except SandboxError as exc:
@@ -461,8 +502,18 @@ class SandboxKernel(Kernel):
                    "stop_on_error": False}
 
         early, self._early = self._early, None
+        if early is not None and early.msg_id != parent["header"]["msg_id"]:
+            early = None
+        caught_up: dict[str, float] = {}
         try:
-            if early is not None and early.msg_id == parent["header"]["msg_id"]:
+            if early is None and not silent:
+                interrupts = self._interrupts
+                caught_up = await self._catch_up(sandbox)
+                if self._interrupts != interrupts:  # it met the count's request, not the cell
+                    return self._error_reply(KeyboardInterrupt(
+                        "interrupted before the cell ran; the cell did not run"))
+            self._sandbox_next = None  # until the reply says (a cell can end the sandbox)
+            if early is not None:
                 early.go_live(parent, ident)
                 reply, result = await early.pending.finish(record_later=True)
             else:
@@ -477,15 +528,45 @@ class SandboxKernel(Kernel):
                                      "session.")
         except ConnectionDropped as exc:  # the output was shown; the next cell reconnects
             return self._error_reply(exc)
-        self._last_timing = result.timing
+        self._last_timing = _with_stages(result.timing, caught_up)
         count = reply["content"].get("execution_count")
         if isinstance(count, int):
-            self.execution_count = count
+            self._sandbox_next = count + 1
+            self.execution_count = max(self.execution_count, count)
         content, notes = self._guard.execute_reply(reply["content"])
+        if content.get("execution_count") != self.execution_count:  # never a number gone back
+            content = {**content, "execution_count": self.execution_count}
         if notes:
             self.send_response(self.iopub_socket, "display_data",
                                {"data": {"text/plain": "\n".join(notes)}, "metadata": {}})
         return content
+
+    async def _catch_up(self, sandbox: AsyncSession) -> dict[str, float]:
+        """Before a cell, move the sandbox's count up to the cell's number when it is behind
+        or not known; the stages that took time (a resume), for the cell's timing.
+
+        The frontend's numbers are this kernel's: it counts ``%session`` cells, which the
+        sandbox never sees, and goes on across restarts, while a resumed sandbox counts
+        from where it was paused (an older checkpoint's count, after a restore). So the
+        sandbox's next stored cell is made to take this cell's number, and ``In`` gets
+        empty entries for the numbers it skips, so that In[n] and Out[n] stay the
+        cell shown as [n]. One silent request, only when the counts differ or are not
+        known; a Deno kernel's count cannot be set, and its numbers are mapped instead
+        (see _CellRelay and _run_code).
+        """
+        if self._sandbox_next is not None and self._sandbox_next >= self.execution_count \
+                and sandbox.ready():
+            return {}
+        if sandbox.language != "python":
+            return {}
+        code = (f"exec(compile({_CONTINUE_COUNT!r}, 'sandbox-kernel-count', 'exec'), "
+                f"{{'shell': get_ipython(), 'COUNT': {int(self.execution_count)}}})")
+        reply, result = await sandbox.execute(
+            {"code": code, "silent": True, "store_history": False, "user_expressions": {},
+             "allow_stdin": False, "stop_on_error": False}, record=False)
+        count = reply["content"].get("execution_count")
+        self._sandbox_next = count + 1 if isinstance(count, int) else None
+        return {k: v for k, v in result.timing.items() if k != "execute"}
 
     def _error_reply(self, exc: Exception, hint: str = "") -> dict[str, Any]:
         evalue = shown(f"{exc} {hint}".strip())  # errors may quote what the sandbox wrote
@@ -540,6 +621,7 @@ class SandboxKernel(Kernel):
         self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
 
     async def _interrupt_sandbox(self) -> None:
+        self._interrupts += 1
         if self._cells_waiting:  # the session is still starting: those cells will not run
             self._interrupted_waiting = True
         if self.sandbox is not None:
@@ -689,19 +771,57 @@ class _CellRelay:
         if self.parent is None:
             self.held.append(msg)
         else:
-            self.kernel._publish(msg, self.parent)
+            self._show(msg)
 
     def go_live(self, parent: dict[str, Any], ident: Any) -> None:
         self.parent, self.ident = parent, ident
         self.kernel._remember(parent)
         for msg in self.held:
-            self.kernel._publish(msg, parent)
+            self._show(msg)
         self.held.clear()
         self.live.set()
+
+    def _show(self, msg: dict[str, Any]) -> None:
+        """Publish under the frontend's request; a result is numbered as the frontend
+        numbered the cell (the kernel's count, never lower than the sandbox's)."""
+        assert self.parent is not None
+        if msg["header"]["msg_type"] == "execute_result":
+            kernel, content = self.kernel, msg["content"]
+            count = content.get("execution_count")
+            if isinstance(count, int):
+                kernel.execution_count = max(kernel.execution_count, count)
+            if count != kernel.execution_count:
+                msg = {**msg, "content": {**content, "execution_count": kernel.execution_count}}
+        self.kernel._publish(msg, self.parent)
 
     async def ask(self, prompt: str, password: bool) -> str:
         await self.live.wait()
         return await self.kernel._ask_in_thread(prompt, password, self.ident, self.parent)
+
+
+#: Runs in the sandbox's kernel (silently, out of the history; see SandboxKernel._catch_up):
+#: its next stored cell takes at least COUNT, and ``In`` (which IPython appends to) gets an
+#: empty entry for each number skipped, so that In[n] stays the cell numbered n.
+_CONTINUE_COUNT = """
+if shell.execution_count < COUNT:
+    shell.execution_count = COUNT
+for hist in (shell.history_manager.input_hist_parsed, shell.history_manager.input_hist_raw):
+    hist.extend([''] * (shell.execution_count - len(hist)))
+"""
+
+
+def _with_stages(timing: dict[str, float], earlier: dict[str, float]) -> dict[str, float]:
+    """A cell's timing with the stages of what ran for it first (a resume, say), in the
+    order they happened, the total last."""
+    if not earlier:
+        return timing
+    merged: dict[str, float] = {}
+    for source in (earlier, timing):
+        for stage, seconds in source.items():
+            merged[stage] = merged.get(stage, 0.0) + seconds
+    if "total" in merged:
+        merged["total"] = merged.pop("total")
+    return merged
 
 
 def _fallback_reply(msg_type: str, content: dict[str, Any], exc: Exception) -> dict[str, Any]:
