@@ -284,7 +284,7 @@ def test_lab_widget_callbacks_print_into_their_outputs(lab, browser):
         "def slowly(_):\n    time.sleep(1)\n    with slow_out:\n"
         "        print('the slow button wrote this')\n\nslow.on_click(slowly)\n"
         "display(slow, slow_out)",
-        "print('the next cell ran')",
+        "print('ran after the click')",
     ])
     page = run_all(browser, lab, "callbacks.ipynb", "Python 3 (sandbox)", "sandbox-python",
                    viewport={"width": 1280, "height": 900})
@@ -314,7 +314,7 @@ def test_lab_widget_callbacks_print_into_their_outputs(lab, browser):
     page.wait_for_function(
         "() => window.jupyterapp.shell.currentWidget.content.widgets[3].model"
         ".executionCount > 4", timeout=60_000)
-    assert cell_output(page, 3).strip() == "the next cell ran"
+    assert cell_output(page, 3).strip() == "ran after the click"
     assert slow_out.inner_text().strip() == "the slow button wrote this"
     shot = screenshot(page, "lab-widget-callbacks")
     assert shot.stat().st_size > 10_000
