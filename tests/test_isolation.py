@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox_kernel.errors import ExecutionTimeout
+from sandbox_kernel.errors import ExecutionTimeout, SessionDead
 
 from .conftest import needs_bwrap, probe
 
@@ -118,17 +118,16 @@ def test_environment_is_clean(session, monkeypatch):
 
 
 def test_memory_limit_stops_a_4gib_allocation(manager):
+    """The memory cgroup stops it: the kernel is killed and says why, the host keeps its
+    memory. (Without a memory cgroup an address-space limit refuses it instead; see
+    test_memory_limits.)"""
     s = manager.create(name="small", limits={"memory": "1GiB"})
-    assert s.info()["enforcement"]["memory"].endswith("rlimit")
+    if s.info()["enforcement"]["memory"] != "cgroup":
+        pytest.skip("no writable memory cgroup here")
     host_before = psutil.virtual_memory().available
-    r = s.run("big = bytearray(4 * 1024**3)")
-    assert r.error["ename"] == "MemoryError"
-    chunks = s.run("chunks = []\nwhile True: chunks.append(bytearray(64 * 1024**2))")
-    assert chunks.error["ename"] == "MemoryError"
-    assert s.run("n = len(chunks); del chunks; n").result is not None
-    assert int(s.run("n").result) < 16  # 16 x 64 MiB = 1 GiB
-    assert s.run("'alive'").result == "'alive'"
-    assert s.info()["status"] == "running"
+    with pytest.raises(SessionDead, match=r"out of memory \(limit 1 GiB\)"):
+        s.run("big = bytearray(4 * 1024**3)")  # bytearray() writes every page
+    assert s.info()["status"] == "dead"
     assert psutil.virtual_memory().available > host_before - 2 * 1024**3
 
 

@@ -63,6 +63,37 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+#: Address space a Python kernel reserves beyond its data, whatever the machine:
+#: the interpreter, its shared libraries and ipykernel's own threads (about 11, each
+#: reserving an 8 MiB stack and, once it allocates, a 64 MiB glibc malloc arena).
+#: Measured in a sandbox on 2 CPUs: 0.65 GiB at start, 1.0 GiB after ``import numpy``,
+#: a matrix product and printing 16 MiB, all with under 0.15 GiB resident. Twice
+#: that, for libraries that map more (SciPy, pandas, Matplotlib, PyTorch's CPU build).
+ADDRESS_SPACE_BASE = 2 * 1024**3
+#: Address space per CPU: thread pools are sized by the CPU count (OpenBLAS and OpenMP
+#: start a thread per CPU, concurrent.futures CPUs + 4), and glibc gives threads up to
+#: 8 malloc arenas of 64 MiB per CPU, 512 MiB, reserved as soon as they allocate.
+ADDRESS_SPACE_PER_CPU = 512 * 1024**2
+
+
+def address_space_limit(memory: int, cpus: int | None = None) -> int:
+    """The RLIMIT_AS that stands in for a memory limit where no memory cgroup does.
+
+    RLIMIT_AS counts address space, not memory: set to the memory limit itself it
+    fails ordinary code long before the memory is used (a 512 MiB limit refused
+    ``import numpy`` with "failed to map segment from shared object", and printing
+    16 MiB raised MemoryError inside ipykernel). So it
+    is set far above the limit: twice the limit (a copy and its source alive at
+    once, as when a str is encoded to be sent, and buffers reserved before they
+    are touched), plus what a kernel reserves whatever its data
+    (:data:`ADDRESS_SPACE_BASE`) and per CPU (:data:`ADDRESS_SPACE_PER_CPU`).
+    512 MiB on 2 CPUs gives 4 GiB. It stops a runaway allocation, not a session
+    using somewhat more than its limit: ``info()["enforcement"]`` says so.
+    """
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return 2 * memory + ADDRESS_SPACE_BASE + ADDRESS_SPACE_PER_CPU * max(1, cpus)
+
+
 def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -131,6 +131,12 @@ class SessionManager(LoggingConfigurable):
         help="Resource limits of new sessions (memory, processes, file_size, open_files); "
         "merged over the built-in defaults."
     ).tag(config=True)
+    cgroups = Bool(
+        True, help="Enforce the memory and process limits with per-session cgroups where the "
+        "cgroup tree is writable. Off: rlimits only, as on a host without writable cgroups "
+        "(where another agent owns the tree); memory is then bounded only by an address-space "
+        "limit well above it, and info()['enforcement'] says so."
+    ).tag(config=True)
     bwrap_launcher = Instance(BwrapLauncher)
     installer = Instance(PackageInstaller)
     artifact_policy = Instance(ArtifactPolicy)
@@ -634,6 +640,7 @@ class SessionManager(LoggingConfigurable):
             "seccomp_file": plan.seccomp_file, "seccomp": plan.seccomp,
             "bwrap": plan.isolation == "bwrap",
             "address_space_limit": command.address_space_limit,
+            "cgroups": self.cgroups,
             "on_expiry": [sys.executable, "-m", "sandbox_kernel.lease", str(self.home),
                           session_id],
         })

@@ -3,11 +3,13 @@
 RLIMIT_NPROC counts processes per real user, and the kernel exempts uid 0,
 which is what a sandbox started by root maps to outside its user namespace;
 so the only process limit that holds for root is a ``pids`` cgroup. The
-memory cgroup bounds the sum over all the sandbox's processes, where
-RLIMIT_AS bounds each one. Both cgroup v1 (one hierarchy per controller) and
-v2 (one unified hierarchy) are handled; where neither is writable the caller
-falls back to rlimits and says so. Standard library only: the supervisor
-imports this module without site-packages.
+memory cgroup bounds the memory all the sandbox's processes use together,
+which is what a memory limit means; RLIMIT_AS would bound each process's
+address space, which libraries reserve far beyond what they use. Both cgroup
+v1 (one hierarchy per controller) and v2 (one unified hierarchy) are handled;
+where neither is writable the caller falls back to rlimits and says so.
+Standard library only: the supervisor imports this module without
+site-packages.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandbox_kernel.limits import address_space_limit
 from sandbox_kernel.registry import Registry, lease_left
 from sandbox_kernel.sandbox.cgroups import Cgroups
 from sandbox_kernel.sandbox.kernel_log import DEFAULT_CAP, CappedLog
@@ -38,8 +39,8 @@ EXIT_FILE = "exit.json"
 KERNEL_LOG = "kernel.log"
 TICK_SECONDS = 5.0
 
+#: The memory limit is not among them: see Supervisor._confine.
 _RLIMITS = {
-    "memory": resource.RLIMIT_AS,
     "file_size": resource.RLIMIT_FSIZE,
     "open_files": resource.RLIMIT_NOFILE,
     "processes": resource.RLIMIT_NPROC,
@@ -56,21 +57,38 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def describe_exit(returncode: int, via_bwrap: bool, oom: bool, memory: int | None) -> str:
-    """Say in words how the sandbox ended, as users will read it."""
-    if oom:
-        limit = f" of {memory / 1024**3:.1f} GiB" if memory else ""
-        return f"killed by the out-of-memory killer: the session's memory limit{limit} was reached"
-    signum = -returncode if returncode < 0 else None
+def exit_signal(returncode: int, via_bwrap: bool) -> int | None:
+    """The signal that ended the sandbox's kernel, if one did."""
+    if returncode < 0:
+        return -returncode
     if via_bwrap and returncode > 128:
-        signum = returncode - 128  # bwrap reports a signalled child as 128+signal
+        return returncode - 128  # bwrap reports a signalled child as 128+signal
+    return None
+
+
+def describe_exit(returncode: int, via_bwrap: bool, oom: bool, memory: int | None) -> str:
+    """Say in words how the sandbox ended, as users will read it (a notebook shows it as
+    the reason its cell ended, so it names the limit that was reached)."""
+    if oom:
+        limit = f" (limit {_size(memory)})" if memory else ""
+        return f"the session's kernel was killed: out of memory{limit}"
+    signum = exit_signal(returncode, via_bwrap)
     if signum:
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        return f"the kernel was killed by {name}"
-    return f"the kernel exited with code {returncode}"
+        return f"the session's kernel was killed by {name}"
+    return f"the session's kernel exited with code {returncode}"
+
+
+def _size(n: int) -> str:
+    """512 MiB, 1.5 GiB: a limit as it was most likely written."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value.is_integer() else f"{value:.1f} {unit}"
+    return f"{n} B"
 
 
 def _last_log_line(session_dir: Path) -> str:
@@ -98,6 +116,8 @@ class Supervisor:
         self.stopping = False
         self.child: subprocess.Popen[bytes] | None = None
         self.cgroups = Cgroups()
+        #: RLIMIT_AS, set only where no memory cgroup bounds the memory (see _confine).
+        self.address_space: int | None = None
         self.registry: Registry | None = None
         self.expiry: subprocess.Popen[bytes] | None = None
         self.expiry_started = float("-inf")
@@ -147,7 +167,10 @@ class Supervisor:
         self._drain_log()
         oom = self.cgroups.oom_killed()
         reason = describe_exit(returncode, self.plan["bwrap"], oom, self.limits.get("memory"))
-        if returncode not in (0,) and not oom and not self.stopping:
+        # A kernel killed by SIGKILL wrote no dying words: its log's last line is older
+        # (ipykernel's start-up banner) and would only mislead.
+        killed = exit_signal(returncode, self.plan["bwrap"]) == signal.SIGKILL
+        if returncode not in (0,) and not oom and not killed and not self.stopping:
             hint = _last_log_line(self.session_dir)
             if hint:
                 reason += f"; its log ends: {hint}"
@@ -167,19 +190,39 @@ class Supervisor:
         return 0
 
     def _confine(self) -> dict[str, str]:
-        """Create the cgroups; say, per limit, what enforces it."""
-        self.cgroups = Cgroups.create(
-            f"sandbox-kernel-{self.plan['session_id']}",
-            memory=self.limits.get("memory"),
-            processes=self.limits.get("processes"),
-        )
+        """Create the cgroups; say, per limit, what enforces it.
+
+        The memory limit is the memory cgroup's alone where there is one: it counts
+        the memory the sandbox's processes use, and past the limit the kernel's
+        out-of-memory killer ends the kernel, which ``run`` then reports. RLIMIT_AS
+        would count address space instead, which libraries reserve far beyond what
+        they use (see limits.address_space_limit). Where there is no memory cgroup,
+        an address-space limit well above the memory limit stops runaway
+        allocations, and the enforcement says that this is all that bounds memory.
+        """
+        if self.plan.get("cgroups", True):
+            self.cgroups = Cgroups.create(
+                f"sandbox-kernel-{self.plan['session_id']}",
+                memory=self.limits.get("memory"),
+                processes=self.limits.get("processes"),
+            )
         has = self.cgroups.dirs
         root = os.getuid() == 0 and not self.plan.get("run_as")
-        as_limit = self.plan.get("address_space_limit", True)
+        memory = self.limits.get("memory")
+        if "memory" in has:
+            memory_by = "cgroup"
+        elif not memory:
+            memory_by = "none (no memory limit was set)"
+        elif not self.plan.get("address_space_limit", True):
+            memory_by = ("none (no memory cgroup, and the kernel's V8 reserves more address "
+                         "space than RLIMIT_AS would allow)")
+        else:
+            self.address_space = address_space_limit(memory)
+            memory_by = (f"rlimit: address space at most {_size(self.address_space)} "
+                         f"(RLIMIT_AS; no memory cgroup here, so the {_size(memory)} limit "
+                         "itself is not enforced)")
         return {
-            "memory": ("cgroup+rlimit" if as_limit else "cgroup") if "memory" in has else (
-                "rlimit" if as_limit else "none (no memory cgroup, and the kernel's V8 "
-                "reserves more address space than RLIMIT_AS would allow)"),
+            "memory": memory_by,
             "processes": "cgroup" if "pids" in has else (
                 "none (RLIMIT_NPROC does not bind root)" if root else "rlimit"
             ),
@@ -195,9 +238,9 @@ class Supervisor:
             value = self.limits.get(name)
             if value is None or (name == "processes" and "pids" in self.cgroups.dirs):
                 continue
-            if name == "memory" and not self.plan.get("address_space_limit", True):
-                continue
             resource.setrlimit(which, (value, value))
+        if self.address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
         run_as = self.plan.get("run_as")
         if run_as:  # last: staging needs root, and nothing after it may keep root
             stage_and_drop(self.plan.get("stage", []), run_as[0], run_as[1])
