@@ -300,9 +300,10 @@ def test_sandbox_that_dies_mid_cell(kernel):
     assert reply["status"] == "error"
     assert reply["ename"] == "SessionDead"
     assert "exited with code 9" in reply["evalue"]
-    reply, msgs = execute(kc, "1 + 1")
-    assert reply["status"] == "error"
     assert "%session new" in reply["evalue"]
+    reply, msgs = execute(kc, "1 + 1")  # the session comes back, and says how
+    assert results(msgs) == ["2"]
+    assert "had died" in texts(msgs) and "started again with no variables" in texts(msgs)
     assert execute(kc, "%session new")[0]["status"] == "ok"
     assert results(execute(kc, "1 + 1")[1]) == ["2"]
 
@@ -330,9 +331,9 @@ def test_reopening_a_notebook_whose_sandbox_died_brings_back_its_checkpoint(kern
     assert "had died" in texts(msgs) and "started again from checkpoint" in texts(msgs)
 
 
-def test_reopening_a_notebook_whose_sandbox_died_without_checkpoint_starts_fresh(kernel):
+def test_reopening_a_notebook_whose_sandbox_died_without_checkpoint_starts_it_empty(kernel):
     km, kc = kernel("work/gone.ipynb")
-    execute(kc, "kept = 1")
+    execute(kc, "kept = 1; open('file.txt', 'w').write('on disk')")
     kc.stop_channels()
     km.shutdown_kernel(now=True)
     m = SessionManager(home=os.environ["SANDBOX_KERNEL_HOME"])  # (make_manager closes all)
@@ -340,9 +341,9 @@ def test_reopening_a_notebook_whose_sandbox_died_without_checkpoint_starts_fresh
     os.kill(s.info()["pid"], 9)  # the supervisor: its sandbox dies with it
     assert _wait_dead(m, s.name)
     km, kc = kernel("work/gone.ipynb")
-    reply, msgs = execute(kc, "'kept' in globals()")
-    assert results(msgs) == ["False"]
-    assert "fresh session" in texts(msgs)
+    reply, msgs = execute(kc, "'kept' in globals(), open('file.txt').read()")
+    assert results(msgs) == ["(False, 'on disk')"]  # the same session: its files are there
+    assert "started again with no variables" in texts(msgs)
 
 
 def _digest(key: str) -> str:

@@ -39,7 +39,8 @@ class SessionDead(SandboxError):
 
     def __init__(self, key: str, reason: str | None, checkpoint: int | None = None):
         if checkpoint is None:
-            then = f"close it with `sandbox-kernel close {key}` and create a new session"
+            then = (f"restart() starts it again with no variables and its files kept, or "
+                    f"close it with `sandbox-kernel close {key}` and create a new session")
         else:
             then = (f"resume() (`sandbox-kernel resume {key}`) starts it again from its "
                     f"checkpoint {checkpoint} and replays the cells run since, or close it "

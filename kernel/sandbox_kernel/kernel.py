@@ -239,11 +239,22 @@ class SandboxKernel(Kernel):
         return await self._adopt(session)
 
     async def _recover(self, dead: AsyncSession) -> AsyncSession | None:
-        """The notebook's session died (a reboot, a crash): back from its last checkpoint,
-        or None (a fresh session is made) when it has none."""
+        """The notebook's session died (its memory limit, a crash, a kill, a reboot): back
+        from its last checkpoint; without one (or when it fails to load), started again
+        with no variables, as Jupyter restarts a kernel that died, so that its files stay
+        where the notebook had them; None (a fresh session is made) when neither works."""
         reason = shown(dead.info()["reason"])
         try:
-            report = await dead.resume()
+            try:
+                report = await dead.resume()
+            except SessionDead as exc:
+                why = ("" if exc.checkpoint is None else
+                       f" (its checkpoint {exc.checkpoint} did not load: {shown(exc.reason)})")
+                report = await dead.restart()
+                self._notice = (f"session {dead.name!r} had died ({reason}); it was {report}"
+                                f"{why}. `%session checkpoint` after a costly cell lets the "
+                                "next restart begin from there.")
+                return dead
         except SandboxError as exc:
             self._notice = (f"session {dead.name!r} had died ({reason}) and cannot come back "
                             f"({shown(exc)}); this notebook now runs in a fresh session.")
@@ -273,7 +284,7 @@ class SandboxKernel(Kernel):
         return session
 
     async def _sandbox(self) -> AsyncSession:
-        if self._ready is None:  # a request before start-up ran
+        if self._ready is None:  # a request before start-up ran, or after the session died
             self._begin()
         assert self._ready is not None
         return await asyncio.shield(self._ready)
@@ -523,7 +534,9 @@ class SandboxKernel(Kernel):
                     content, on_message=cell.relay, on_stdin=cell.ask if allow_stdin else None,
                     metadata={"cellId": cell_meta.get("cellId")} if cell_meta else None,
                     record_later=True, msg_id=parent["header"]["msg_id"])
-        except (SessionDead, SessionClosed) as exc:
+        except SessionDead as exc:
+            return self._died(sandbox, exc)
+        except SessionClosed as exc:
             return self._error_reply(exc, hint="In this notebook, `%session new` starts a fresh "
                                      "session.")
         except ConnectionDropped as exc:  # the output was shown; the next cell reconnects
@@ -567,6 +580,24 @@ class SandboxKernel(Kernel):
         count = reply["content"].get("execution_count")
         self._sandbox_next = count + 1 if isinstance(count, int) else None
         return {k: v for k, v in result.timing.items() if k != "execute"}
+
+    def _died(self, sandbox: AsyncSession, exc: SessionDead) -> dict[str, Any]:
+        """The session's kernel died under this cell (its memory limit, a crash, a kill):
+        the cell ends now, saying why and what comes next. The next cell opens the session
+        again, which brings it back (see _recover) and says how; not sooner, so that a
+        `%session new` or `%session use` run first is not raced by a restart."""
+        if self.sandbox is sandbox:
+            self._ready = None
+        if exc.checkpoint is None:
+            how = ("with no variables (it has no checkpoint); the files in its work "
+                   "directory and its packages are kept")
+        else:
+            how = f"from its checkpoint {exc.checkpoint} and replays the cells run since"
+        said = SessionDead(sandbox.name, exc.reason, exc.checkpoint)  # other waiters share exc
+        said.args = (f"{exc.reason or 'the session ended'}. The next cell starts session "
+                     f"{sandbox.name!r} again {how}; `%session new` starts a fresh session "
+                     "instead.",)
+        return self._error_reply(said)
 
     def _error_reply(self, exc: Exception, hint: str = "") -> dict[str, Any]:
         evalue = shown(f"{exc} {hint}".strip())  # errors may quote what the sandbox wrote

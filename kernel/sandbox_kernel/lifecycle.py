@@ -162,10 +162,15 @@ class ResumeReport:
     mapped: int = 0
     timing: dict[str, float] = field(default_factory=dict)
     thawed: bool = False
+    #: Started again with no variables (restart()): there was no checkpoint to load.
+    restarted: bool = False
 
     def __str__(self) -> str:
         if self.thawed:
             return "resumed from freeze: memory was kept, nothing to restore"
+        if self.restarted:
+            return ("started again with no variables; the files in its work directory and "
+                    "its packages are kept")
         if self.checkpoint is None:  # neither paused, frozen nor dead: nothing was done
             return "the session is running already: nothing to resume"
         lines = [f"restored {len(self.restored)} variables and {len(self.imports)} imports "
@@ -316,6 +321,29 @@ class LifecycleMixin:
                     raise
         timing["resume"] = timing.get("resume", 0.0) + time.perf_counter() - t
         report.timing = dict(timing)
+        self.last_resume = report
+        return report
+
+    async def restart(self) -> ResumeReport:
+        """Start a dead session's kernel again with no variables, as Jupyter restarts a
+        kernel that died: its work directory, packages, limits and history stay.
+
+        For a dead session that ``resume()`` cannot bring back (it has no checkpoint,
+        or its checkpoint failed to load): what its cells made in memory is gone,
+        what they wrote to files is not. The same session, not a new one, so that a
+        notebook whose kernel ran out of memory finds its files where they were. A
+        session that is not dead (another client brought it back first) is resumed
+        as ``resume()`` would.
+        """
+        async with self._lifecycle_lock():
+            row = self.manager._refresh(self.id)
+            dead = row["status"] == "dead"
+            if dead:
+                self._row = row
+                await self._relaunch(row)
+        if not dead:
+            return await self.resume()
+        report = ResumeReport(checkpoint=None, restarted=True)
         self.last_resume = report
         return report
 

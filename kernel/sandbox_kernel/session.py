@@ -805,6 +805,10 @@ class Session:
         """Bring the session back; the report names what was restored, replayed or lost."""
         return portal.call(self._inner.resume(checkpoint))
 
+    def restart(self) -> ResumeReport:
+        """Start a dead session again with no variables, its files and packages kept."""
+        return portal.call(self._inner.restart())
+
     @property
     def last_resume(self) -> ResumeReport | None:
         return self._inner.last_resume
