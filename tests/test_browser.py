@@ -532,3 +532,44 @@ def test_lab_forged_payload_does_not_change_a_cell(lab, browser):
     shot = screenshot(page, "lab-payload-refused")
     assert shot.stat().st_size > 10_000
     page.close()
+
+
+def test_lab_rename_shut_down_and_reopen_keeps_the_variables(lab, browser):
+    """Issue 17, item 3: JupyterLab's rename (the first save asks for a name), then the
+    kernel shut down and the notebook opened again under its new name: ``x`` is there,
+    and the notebook says which session it kept."""
+    _notebook(lab["root"] / "Untitled-rename.ipynb", ["x = 41", "x + 1"])
+    page = run_all(browser, lab, "Untitled-rename.ipynb", "Python 3 (sandbox)",
+                   "sandbox-python", viewport={"width": 1280, "height": 900})
+    wait_cell_done(page, 1)
+    assert cell_output(page, 1).splitlines()[-1] == "42"
+    page.evaluate("""async () => {
+        const app = window.jupyterapp;
+        await app.commands.execute('docmanager:save');
+        await app.serviceManager.contents.rename('Untitled-rename.ipynb',
+                                                  'experiment.ipynb');
+    }""")
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget?.context?.path === 'experiment.ipynb'",
+        timeout=60_000)
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    page.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{lab['base']}/lab/tree/experiment.ipynb?token={lab['token']}")
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp?.shell?.currentWidget;"
+        " return w?.context?.path === 'experiment.ipynb'"
+        " && w?.sessionContext?.session?.kernel?.name === 'sandbox-python'; }",
+        timeout=120_000)
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets[1].model"
+                  ".sharedModel.setSource('print(x + 1)')")
+    run_cell(page, 1)
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget.content.widgets[1].model"
+        ".executionCount > 2", timeout=120_000)
+    text = cell_output(page, 1)
+    assert "42" in text.splitlines(), text
+    assert "renamed from Untitled-rename.ipynb: this notebook keeps its session" in text, text
+    shot = screenshot(page, "lab-rename-reopen")
+    assert shot.stat().st_size > 10_000
+    page.close()

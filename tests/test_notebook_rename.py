@@ -98,8 +98,8 @@ def test_a_renamed_notebook_reopens_in_its_session(server):
     reopened = server.run(again, "x + 1")
     assert reopened["result"] == "42", reopened
     # It says so, once, naming the old path and the session.
-    assert "renamed from" in reopened["stream"] and "Untitled.ipynb" in reopened["stream"]
-    assert "keeps its session 'Untitled" in reopened["stream"], reopened
+    assert ("renamed from Untitled.ipynb: this notebook keeps its session 'Untitled"
+            in reopened["stream"]), reopened
     assert "stream" not in server.run(again, "x")
     server.shut_down(again)
     # A new notebook under the old name is a new notebook, with a session of its own.
@@ -119,7 +119,8 @@ def test_notebooks_in_a_moved_directory_keep_their_sessions(server):
     server.rename(None, "project", "project-2024")
     again = server.open("project-2024/model.ipynb")
     moved = server.run(again, "sum(weights)")
-    assert moved["result"] == "6" and "renamed from" in moved["stream"], moved
+    assert moved["result"] == "6", moved
+    assert "renamed from ../project/model.ipynb:" in moved["stream"], moved
     server.shut_down(again)
 
 

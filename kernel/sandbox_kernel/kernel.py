@@ -221,8 +221,9 @@ class SandboxKernel(Kernel):
             old = registry.renamed_from(key, after=since)
             row = registry.find(wanted) if old else None
             if row is not None:
-                self._notice = (f"this notebook was renamed from "
-                                f"{shown(old.removeprefix('notebook:'))}; it keeps its "
+                was = os.path.relpath(old.removeprefix("notebook:"),
+                                      os.path.dirname(key.removeprefix("notebook:")))
+                self._notice = (f"renamed from {shown(was)}: this notebook keeps its "
                                 f"session {shown(row['name'])!r}")
         if wanted:
             with contextlib.suppress(SessionClosed, SandboxError):
