@@ -21,15 +21,19 @@ from .errors import InvalidArgument
 from .sandbox.launcher import KernelCommand
 
 #: ipykernel as the sandbox runs it, inline because the sandbox cannot import
-#: sandbox_kernel. One thing a client of ours never needs is left out: the 0.5 ms
-#: sleep before every execute_reply, ipykernel's guard against stream output
-#: arriving after the reply (our clients wait for the kernel's idle status, which
-#: follows every output on the same socket); `make bench` measures it. The
-#: shell-channel thread stays, although only subshells need it and it costs about
-#: 0.4 ms per request: ipykernel 7 runs a cell with top-level ``await`` through
-#: it (``do_execute`` asks it for the main thread), and without it such a cell
-#: raised inside ipykernel and never got a reply. Package layers
-#: (SANDBOX_KERNEL_LAYERS, oldest first) go on sys.path before anything is imported.
+#: sandbox_kernel. Two things a client of ours never needs are left out:
+#: - the shell-channel thread, which serves only subshells (the proxy offers none)
+#:   and costs two thread hops, about 0.4 ms, per request. It is replaced by a
+#:   stand-in that is false, so ipykernel takes its no-thread paths (and a kernel
+#:   that says it has no subshells), and that still answers the one question
+#:   ipykernel 7 asks it outside them: which thread is the main one
+#:   (``do_execute``'s path for a cell with top-level ``await``; with ``None``
+#:   there, such a cell raised inside ipykernel and never replied);
+#: - the 0.5 ms sleep before every execute_reply, ipykernel's guard against stream
+#:   output arriving after the reply (our clients wait for the kernel's idle
+#:   status, which follows every output on the same socket).
+#: `make bench` measures both. Package layers (SANDBOX_KERNEL_LAYERS, oldest first)
+#: go on sys.path before anything is imported.
 INNER_IPYKERNEL = (
     "import os, site, sys\n"
     "for _p in filter(None, os.environ.get('SANDBOX_KERNEL_LAYERS', '').split(os.pathsep)):\n"
@@ -41,11 +45,24 @@ INNER_IPYKERNEL = (
     "sys.modules['debugpy'] = None\n"
     "import ipykernel.debugger\n"
     "del sys.modules['debugpy']\n"
+    "import threading\n"
+    "from ipykernel.ipkernel import IPythonKernel\n"
     "from ipykernel.kernelapp import IPKernelApp\n"
     "from traitlets.config import Config\n"
+    "class NoShellChannelThread:\n"
+    "    parent_thread = threading.main_thread()\n"
+    "    def __bool__(self):\n"
+    "        return False\n"
+    "class SandboxedKernel(IPythonKernel):\n"
+    "    _supports_kernel_subshells = False\n"
+    "class SandboxedKernelApp(IPKernelApp):\n"
+    "    kernel_class = SandboxedKernel\n"
+    "    def init_sockets(self):\n"
+    "        super().init_sockets()\n"
+    "        self.shell_channel_thread = NoShellChannelThread()\n"
     "config = Config()\n"
     "config.Kernel._execute_sleep = 0.0\n"
-    "IPKernelApp.launch_instance(config=config)\n"
+    "SandboxedKernelApp.launch_instance(config=config)\n"
 )
 
 
