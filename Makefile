@@ -29,11 +29,17 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-bench: setup
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
 # Load figures (issue 9): sessions held, cells per second, p99 latency, memory per idle session.
-stress: setup
+stress: setup $(BENCH_STAMP)
 	$(BIN)/python bench/stress.py
 
 lint: setup
