@@ -75,10 +75,15 @@ def test_a_thousand_sessions_in_the_registry_are_all_listed(home):
         assert len(m.list(status="paused")) == 500
         assert [s.name for s in m.list(tags=["keep"])] == ["live"]
         assert len(m.list(tags=["batch"])) == 100
-        cli = subprocess.run([str(Path(sys.executable).parent / "sandbox-kernel"), "list"],
-                             env={**os.environ, "SANDBOX_KERNEL_HOME": str(home)},
-                             capture_output=True, text=True, timeout=60)
-        assert cli.returncode == 0, cli.stderr
-        shown = [line.split()[0] for line in cli.stdout.splitlines()[1:]]
-        assert shown == [f"old{i}" for i in range(1000)] + ["live"]
+        def cli_list(*flags: str) -> list[str]:
+            cli = subprocess.run(
+                [str(Path(sys.executable).parent / "sandbox-kernel"), "list", *flags],
+                env={**os.environ, "SANDBOX_KERNEL_HOME": str(home)},
+                capture_output=True, text=True, timeout=60)
+            assert cli.returncode == 0, cli.stderr
+            return [line.split()[0] for line in cli.stdout.splitlines()[1:]]
+
+        assert cli_list("--all") == [f"old{i}" for i in range(1000)] + ["live"]
+        # By default the closed ones (every odd one here) are left out.
+        assert cli_list() == [f"old{i}" for i in range(0, 1000, 2)] + ["live"]
         assert live.run("print('still fine')").stdout == "still fine\n"

@@ -66,6 +66,7 @@ def _red_team() -> list[str]:
     return sorted(str(p) for p in (ROOT / "tests").glob("test_redteam_*.py") if p.name != here)
 
 
+@pytest.mark.timeout(900)  # every red-team module again, as another user
 def test_the_red_team_probes_pass_for_a_manager_run_by_an_ordinary_user():
     user = _user()
     home = short_tmpdir("sku-")
@@ -81,7 +82,7 @@ def test_the_red_team_probes_pass_for_a_manager_run_by_an_ordinary_user():
         run = subprocess.run(
             [_tool("runuser"), "-u", USER, "--", sys.executable, "-m", "pytest", "-q",
              "-p", "no:cacheprovider", "-o", "addopts=-rfEs", *_red_team()],
-            cwd=home, env=env, capture_output=True, text=True, timeout=600)
+            cwd=home, env=env, capture_output=True, text=True, timeout=840)
     finally:
         for path, mode in closed.items():
             path.chmod(mode)
