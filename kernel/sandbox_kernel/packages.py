@@ -509,8 +509,13 @@ class PackageInstaller(LoggingConfigurable):
 
     def _build_args(self) -> list[str]:
         """uv's arguments that keep every build backend from running here: wheels only,
-        always (source builds happen in a sandbox, and reach uv as wheels)."""
-        return ["--no-build"]
+        always (source builds happen in a sandbox, and reach uv as wheels); and that keep
+        it from reading configuration files, which it looks for in its working directory
+        and the directories above it: a kernel's is its notebook's folder, where the
+        notebook's own `%session download` writes, so a uv.toml planted there chose the
+        packages of every notebook installing after it (see PackageInstaller's traits and
+        uv's UV_* environment variables for the installer's configuration)."""
+        return ["--no-build", "--no-config"]
 
     def _index_config(self) -> dict[str, Any]:
         return {"index": self.index_url, "extra": list(self.extra_index_urls),

@@ -465,7 +465,20 @@ class Registry:
                 (old_key, len(below), below, old_key, len(below), below))}
             for key in sorted(keys):
                 moved = new_key + key[len(old_key):]
-                # What was bound to the new path (a notebook the move replaced) lets go.
+                if moved not in keys and db.execute(
+                        "SELECT 1 FROM bindings WHERE key=? UNION ALL "
+                        "SELECT 1 FROM sessions WHERE owner=? LIMIT 1", (moved, moved)
+                ).fetchone():
+                    # The new path was a notebook's (deleted, its kernel maybe still
+                    # running): its binding and sessions go to a key no path has, which
+                    # its kernels follow (recorded first), so that neither notebook is
+                    # handed the other's sessions.
+                    gone = db.execute("SELECT 'replaced:' || lower(hex(randomblob(8))) || ':' "
+                                      "|| ?", (moved,)).fetchone()[0]
+                    db.execute("UPDATE bindings SET key=? WHERE key=?", (gone, moved))
+                    db.execute("UPDATE sessions SET owner=? WHERE owner=?", (gone, moved))
+                    db.execute("INSERT INTO renames (old_key, new_key, at) VALUES (?, ?, ?)",
+                               (moved, gone, now))
                 db.execute("DELETE FROM bindings WHERE key=?", (moved,))
                 # ``updated`` kept: the kernel that opens it next tells of the rename.
                 db.execute("UPDATE bindings SET key=? WHERE key=?", (moved, key))
@@ -480,17 +493,19 @@ class Registry:
 
     def renamed(self, key: str, since: float) -> str:
         """Where the notebook of ``key`` is now, following the renames made after ``since``
-        (a kernel's start: a kernel started later under an old name is a new notebook)."""
-        seen = {key}
+        (a kernel's start: a kernel started later under an old name is a new notebook).
+        Renames are taken in the order they were recorded, each after the one before, so
+        ``p -> q -> p`` ends at p (a walk that stopped at a key seen before ended at q)."""
         with self._lock:
-            while True:
+            row = self._db.execute(
+                "SELECT rowid, new_key FROM renames WHERE old_key=? AND at>=? "
+                "ORDER BY rowid LIMIT 1", (key, since)).fetchone()
+            while row is not None:
+                key = row[1]
                 row = self._db.execute(
-                    "SELECT new_key, at FROM renames WHERE old_key=? AND at>=? "
-                    "ORDER BY at LIMIT 1", (key, since)).fetchone()
-                if row is None or row[0] in seen:
-                    return key
-                key, since = row[0], row[1]
-                seen.add(key)
+                    "SELECT rowid, new_key FROM renames WHERE old_key=? AND rowid>? "
+                    "ORDER BY rowid LIMIT 1", (key, row[0])).fetchone()
+        return key
 
     def renamed_from(self, key: str, after: float) -> str | None:
         """The old key of the latest rename to ``key`` made after ``after``, if any."""

@@ -8,15 +8,21 @@ read by ``pypi-simple``), picks the newest version the requirement allows,
 and downloads it, checked against the digest the index gives. The only thing
 read from inside the archive on the host is ``pyproject.toml``'s
 ``[build-system] requires``, through ``tarfile`` and ``tomllib``, in memory,
-bounded; nothing is extracted here.
+bounded; nothing is extracted here. ``tarfile`` reads a member's extended header
+(a GNU long name, a pax record) whole into memory, skips a member by
+decompressing it, and follows a negative size backwards; so it reads the
+archive through ``_Bounded``, which refuses a read larger than a header could
+legitimately be, a seek backwards, and decompressing past ``max_unpacked``.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tarfile
 import tomllib
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +40,11 @@ PYPI = "https://pypi.org/simple/"
 #: PEP 517's build requirements for a project that names none.
 LEGACY_REQUIRES = ["setuptools>=40.8.0"]
 _MAX_PYPROJECT = 1 << 20
+#: The largest single read of the decompressed archive: a header record, or pyproject.toml.
+_MAX_READ = 2 * _MAX_PYPROJECT
+#: How far into the decompressed archive the host looks for pyproject.toml (a build
+#: unpacks the whole archive into SourceBuilder.tmp_size, 2 GiB by default).
+MAX_UNPACKED = 2 << 30
 _MAX_MEMBERS = 100_000
 _MAX_REQUIRES = 64
 
@@ -114,15 +125,16 @@ def fetch(candidate: SdistCandidate, directory: Path, max_bytes: int,
     return target
 
 
-def build_requirements(sdist: Path) -> list[str]:
+def build_requirements(sdist: Path, max_unpacked: int = MAX_UNPACKED) -> list[str]:
     """``[build-system] requires`` of the sdist's ``pyproject.toml`` (PEP 517's default
-    when there is none), each checked to be a plain requirement (no URL or path)."""
-    text = _read_pyproject(sdist)
+    when there is none), each checked to be a plain requirement (no URL or path);
+    ``pyproject.toml`` must lie within the first ``max_unpacked`` bytes unpacked."""
+    text = _read_pyproject(sdist, max_unpacked)
     if text is None:
         return list(LEGACY_REQUIRES)
     try:
         data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, UnicodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeError, RecursionError) as exc:
         raise SdistUnavailable(f"{sdist.name}: its pyproject.toml is not TOML ({exc})") from None
     system = data.get("build-system")
     if system is None:
@@ -132,13 +144,20 @@ def build_requirements(sdist: Path) -> list[str]:
             or not all(isinstance(r, str) and len(r) < 500 for r in requires)):
         raise SdistUnavailable(f"{sdist.name}: [build-system] requires is not a short list "
                                "of requirement strings")
-    return [str(r) for r in parse_requirements(requires)] if requires else []
+    parsed = parse_requirements(requires) if requires else []
+    for req in parsed:
+        # uv takes a name that looks like a file ("x-1.0-py3-none-any.whl", "x.tar.gz") for
+        # a path in its working directory, the manager's: a project's canonical name (no
+        # dots) never does, and means the same project.
+        req.name = canonicalize_name(req.name)
+    return [str(r) for r in parsed]
 
 
-def _read_pyproject(sdist: Path) -> str | None:
+def _read_pyproject(sdist: Path, max_unpacked: int) -> str | None:
     """The top directory's ``pyproject.toml``, read into memory, or None."""
     try:
-        with tarfile.open(sdist, "r:gz") as archive:
+        with gzip.open(sdist, "rb") as raw, tarfile.open(
+                fileobj=_Bounded(raw, sdist.name, max_unpacked), mode="r:") as archive:
             for _ in range(_MAX_MEMBERS):
                 member = archive.next()
                 if member is None:
@@ -151,9 +170,38 @@ def _read_pyproject(sdist: Path) -> str | None:
                     handle = archive.extractfile(member)
                     assert handle is not None
                     return handle.read(_MAX_PYPROJECT).decode("utf-8")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise SdistUnavailable(f"{sdist.name} is not a readable .tar.gz ({exc})") from None
     raise SdistUnavailable(f"{sdist.name} holds more than {_MAX_MEMBERS} members")
+
+
+class _Bounded:
+    """The decompressed archive as ``tarfile`` reads it, within bounds (see the module)."""
+
+    def __init__(self, raw: gzip.GzipFile, name: str, limit: int) -> None:
+        self.raw, self.name, self.limit = raw, name, limit
+
+    def _refuse(self, why: str) -> SdistUnavailable:
+        return SdistUnavailable(f"{self.name} is refused before any of it runs: {why}")
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > _MAX_READ:
+            raise self._refuse(f"it holds a header of {size} bytes")
+        if self.raw.tell() + size > self.limit:
+            raise self._refuse(f"pyproject.toml is not within its first {self.limit} "
+                               "bytes unpacked")
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or offset < self.raw.tell() - 1:
+            raise self._refuse("a member's size points backwards")
+        if offset > self.limit:
+            raise self._refuse(f"pyproject.toml is not within its first {self.limit} "
+                               "bytes unpacked")
+        return self.raw.seek(offset)
+
+    def tell(self) -> int:
+        return self.raw.tell()
 
 
 def _candidate(name: str, filename: str, location: str,

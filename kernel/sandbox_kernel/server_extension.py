@@ -9,7 +9,11 @@ service's ``rename`` action, for files and directories alike); this extension
 listens and moves the bindings and the ownership of the old path, and of every
 notebook under it, to the new path in the registry (``Registry.rename_notebook``).
 A kernel already running under the old name follows the rename (see
-``SandboxKernel.binding_key``).
+``SandboxKernel.binding_key``), and so do Jupyter Server's own sessions of the
+moved notebooks: otherwise a notebook renamed while no document had it open (a
+closed tab keeps its kernel; another client renamed it) kept its server session
+at the old path, and a new notebook made there was given its running kernel,
+and so its sandbox session.
 
 Enabled by ``sandbox-kernel install`` (a ``jupyter_server_config.d`` file).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 from typing import Any
 
 #: The contents service's event schema (jupyter_server 2.x).
@@ -42,6 +47,12 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         old = os_path(root, data["source_path"])
         new = os_path(root, data["path"])
         try:
+            await _move_server_sessions(serverapp.session_manager, data["source_path"],
+                                        data["path"])
+        except Exception as exc:  # a rename must never fail because of us
+            serverapp.log.warning("sandbox-kernel: could not move the server sessions of %s: "
+                                  "%s", data["source_path"], exc)
+        try:
             moved = await asyncio.to_thread(_rename, old, new)
         except Exception as exc:  # a rename must never fail because of us
             serverapp.log.warning("sandbox-kernel: could not follow the rename of %s: %s",
@@ -52,6 +63,26 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
                                data["source_path"], data["path"], ", ".join(moved))
 
     serverapp.event_logger.add_listener(schema_id=CONTENTS_EVENTS, listener=on_contents_event)
+
+
+async def _move_server_sessions(sessions: Any, old: str, new: str) -> None:
+    """Jupyter Server's sessions of the notebook at API path ``old`` (or of the notebooks
+    under it) now have their new path, as JupyterLab does for the documents it has open;
+    a kernel restarted later is given the new path (``JPY_SESSION_NAME``)."""
+    from jupyter_server.utils import ensure_async
+
+    old, new = old.strip("/"), new.strip("/")
+    for model in await ensure_async(sessions.list_sessions()):
+        path = (model.get("path") or "").strip("/")
+        if path == old:
+            moved = {"path": new}
+            if model.get("name") == posixpath.basename(old):
+                moved["name"] = posixpath.basename(new)
+        elif path.startswith(old + "/"):
+            moved = {"path": new + path[len(old):]}
+        else:
+            continue
+        await ensure_async(sessions.update_session(model["id"], **moved))
 
 
 def os_path(root: str, api_path: str) -> str:

@@ -24,6 +24,7 @@ them fails with its own message, which is shown.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -54,6 +55,8 @@ INSIDE_REQUIRES = "/run/build/requires"
 _HEADER_MAX = 1024
 _WHEEL_NAME = re.compile(r"[A-Za-z0-9_.+!-]{1,200}\.whl")
 _MAX_MEMBERS = 100_000
+#: The build's /dev/shm (a parallel build's semaphores and shared memory).
+_SHM_SIZE = 64 << 20
 
 #: Runs in the sandbox. Its stdout is the channel back: the build's own output goes to
 #: stderr, so nothing the backend prints can pose as the header.
@@ -125,7 +128,9 @@ class SourceBuilder(LoggingConfigurable):
             self.launcher.hidden = [*self.launcher.hidden, hidden]
         scratch_root = self.home / "builds"
         scratch_root.mkdir(mode=0o700, exist_ok=True)
+        _clear_leftovers(scratch_root)
         scratch = Path(tempfile.mkdtemp(prefix="build-", dir=scratch_root))
+        lock = _hold(scratch)
         ident = None
         try:
             given = scratch / "given"
@@ -134,7 +139,7 @@ class SourceBuilder(LoggingConfigurable):
             sdist.chmod(0o644)
             requires_dir = given / "requires"
             requires_dir.mkdir(mode=0o755)
-            requires = build_requirements(sdist)
+            requires = build_requirements(sdist, self.tmp_size)  # (all a build unpacks)
             if requires:
                 install_requires(requires, requires_dir)
             _open_to_all(requires_dir)
@@ -145,6 +150,12 @@ class SourceBuilder(LoggingConfigurable):
                 read_only=list(interpreter_prefixes(python)),
                 binds=[(str(sdist), INSIDE_SDIST), (str(requires_dir), INSIDE_REQUIRES)],
                 tmp_size=self.tmp_size, identity=ident)
+            # bubblewrap's /dev is a tmpfs of its own, writable by the build and as large as
+            # memory: read-only, with a small /dev/shm, so that the build's in-memory scratch
+            # is /tmp's tmp_size (and _SHM_SIZE), with or without a memory cgroup.
+            at = plan.argv.index("--remount-ro")
+            plan.argv[at:at] = ["--size", str(_SHM_SIZE), "--tmpfs", "/dev/shm",
+                                "--remount-ro", "/dev"]
             plan.env["PYTHONPATH"] = INSIDE_REQUIRES
             plan.env["SOURCE_DATE_EPOCH"] = "315532800"  # reproducible zip times
             self.log.info("building %s from source in a sandbox", candidate.filename)
@@ -161,6 +172,7 @@ class SourceBuilder(LoggingConfigurable):
             shutil.rmtree(scratch, ignore_errors=True)
             if ident is not None:
                 identity.release(scratch, ident)
+            os.close(lock)
 
     def _file_wheel(self, output: Path, candidate: SdistCandidate) -> Path:
         """Check what the sandbox sent (header, name, size, members) and keep the wheel."""
@@ -196,6 +208,38 @@ class SourceBuilder(LoggingConfigurable):
             tmp.unlink(missing_ok=True)
             raise
         return final
+
+
+def _hold(scratch: Path) -> int:
+    """A lock on ``scratch`` held while its build runs (its descriptor): a directory whose
+    lock nobody holds is a killed manager's (see _clear_leftovers). Locked before it is
+    named ``.lock``, so that no one finds it unlocked."""
+    fd = os.open(scratch / ".lock.new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(scratch / ".lock.new", scratch / ".lock")
+    return fd
+
+
+def _clear_leftovers(scratch_root: Path) -> None:
+    """The scratch directories of builds whose manager was killed (bubblewrap ended their
+    processes with it), removed, and their uids given back."""
+    for entry in scratch_root.glob("build-*"):
+        try:
+            fd = os.open(entry / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # being made (or not a build's)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a build that runs
+        try:
+            ident = identity.load(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            identity.release(entry, ident)
+        finally:
+            os.close(fd)
 
 
 def _open_to_all(directory: Path) -> None:

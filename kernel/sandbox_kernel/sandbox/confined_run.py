@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox_kernel.limits import address_space_limit
 from sandbox_kernel.sandbox.cgroups import Cgroups
 from sandbox_kernel.sandbox.mountns import stage_and_drop
 
@@ -60,10 +61,17 @@ def run_confined(plan: dict, stdout_path: Path, stdout_cap: int, timeout: float,
     processes and its cgroups at the first of: ``timeout``, the stdout passing
     ``stdout_cap``, or its end."""
     cgroups = Cgroups.create(name, memory=memory, processes=processes)
+    # Where a controller is not writable (a manager run by an ordinary user, many
+    # containers), rlimits stand in for it, as the supervisor's do for a session's.
+    rlimits = {}
+    if memory and "memory" not in cgroups.dirs:
+        rlimits["RLIMIT_AS"] = address_space_limit(memory)
+    if processes and "pids" not in cgroups.dirs:
+        rlimits["RLIMIT_NPROC"] = processes
     plan_path = stdout_path.with_name(stdout_path.name + ".plan.json")
     fd = os.open(plan_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({**plan, "cgroups": cgroups.dirs}, f)
+        json.dump({**plan, "cgroups": cgroups.dirs, "rlimits": rlimits}, f)
     out_fd = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -123,6 +131,8 @@ def main(argv: list[str]) -> int:
         with open(os.path.join(directory, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for limit, value in plan.get("rlimits", {}).items():
+        resource.setrlimit(getattr(resource, limit), (value, value))
     file_size = plan.get("file_size")
     if file_size:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
