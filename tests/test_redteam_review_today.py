@@ -479,8 +479,6 @@ def test_a_notebook_renamed_onto_a_deleted_notebooks_path_shares_nothing_with_it
 
 
 @needs_bwrap
-@pytest.mark.xfail(strict=True, reason="not fixed: a restarted kernel prefers its notebook "
-                   "path's binding to its connection file's (SandboxKernel._open_session)")
 def test_a_deleted_notebooks_kernel_restarted_after_another_took_its_path_keeps_its_own(
         server, kernel_home):
     """The deleted notebook's server session keeps the old path, so its kernel, restarted

@@ -208,14 +208,18 @@ class SandboxKernel(Kernel):
         registry = manager.registry
         key = self.binding_key
         session: AsyncSession | None = None
-        wanted = self.session_name or registry.bound(key)
+        wanted = self.session_name
         if not wanted and key != self._kernel_key:
-            # A restart after a rename: the environment has the old path, the session
-            # went to the new one, and the connection file leads to it.
+            # A restarted kernel's connection file leads to the session it had, before the
+            # path does: after a rename its environment has the old path (the session went
+            # to the new one), and the path may now be another notebook's (renamed onto a
+            # deleted notebook's path, whose kernel this is). Its notebook is the one bound
+            # to that session now.
             wanted = registry.bound(self._kernel_key)
-            renamed = registry.notebook_key_of(wanted) if wanted else None
-            if renamed:
-                self._notebook_key = key = renamed
+            own = registry.notebook_key_of(wanted) if wanted else None
+            if own:
+                self._notebook_key = key = own
+        wanted = wanted or registry.bound(key)
         if wanted and key.startswith("notebook:"):
             since = registry.binding_updated(key) or 0.0
             old = registry.renamed_from(key, after=since)
@@ -312,8 +316,12 @@ class SandboxKernel(Kernel):
                                "`%session new` starts a fresh one") from None
 
     async def use(self, session: AsyncSession) -> None:
-        """Bind this notebook to ``session`` (a restart keeps the binding)."""
-        self._manager().registry.bind(self.binding_key, session.id)
+        """Bind this notebook to ``session`` (a restart keeps the binding: its connection
+        file's too, which a restarted kernel reads first)."""
+        registry = self._manager().registry
+        registry.bind(self.binding_key, session.id)
+        if self.binding_key != self._kernel_key:
+            registry.bind(self._kernel_key, session.id)
         self._inner_info = None
         self._ready = asyncio.ensure_future(self._adopt(session))
 
