@@ -329,6 +329,57 @@ def test_a_report_naming_files_never_written_is_refused(manager):
     assert s.run("print(keep)").stdout.strip() == "3"
 
 
+#: Forged groups (issue 18): the capture report's ``groups``, ``group`` and ``inexact``.
+_GROUP = {"files": ["g1.pkl"], "type": "t", "size": 1, "pickler": "pickle", "group": "g1"}
+FORGED_GROUPS = {
+    # One variable named twice in its group: it would be loaded (and stored) twice over.
+    "a name twice": ({"x": _GROUP, "y": _GROUP}, {"g1": ["x", "y", "x"]}, "twice"),
+    # A variable in two groups.
+    "two groups": ({"x": _GROUP, "y": _GROUP, "z": {**_GROUP, "files": ["g2.pkl"],
+                                                   "group": "g2"}},
+                   {"g1": ["x", "y"], "g2": ["x", "z"]}, "twice"),
+    # A group's file the capture did not write: the host must not store anything for it.
+    "a file never written": ({"x": _GROUP, "y": _GROUP}, {"g1": ["x", "y"]}, "did not write"),
+    # A member pointing at another group's files, and a group named outside the grammar.
+    "files of another group": ({"x": _GROUP, "y": {**_GROUP, "files": ["g7.pkl"]}},
+                               {"g1": ["x", "y"]}, "not those of its group"),
+    "a group named by path": ({"x": {**_GROUP, "group": "../g1"}}, {"../g1": ["x", "x"]},
+                              "not those of its group"),
+    "a host path as the file": ({"x": {**_GROUP, "files": ["../../g1.pkl"]}},
+                                {"g1": ["x", "y"]}, "not vN.pkl or gN.pkl"),
+    # "Saved, but not exactly" for a name it did not save, or that is no Python name.
+    "inexact, never saved": ({"x": _GROUP, "y": _GROUP}, {"g1": ["x", "y"],
+                             "inexact": {"ghost": "x"}}, "does not save it"),
+    "inexact, not a name": ({"x": _GROUP, "y": _GROUP}, {"g1": ["x", "y"],
+                            "inexact": {"x\nrestored all": "x"}}, "not a Python name"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_GROUPS))
+def test_a_forged_group_in_a_capture_report_is_refused(manager, forgery):
+    variables, groups, why = FORGED_GROUPS[forgery]
+    groups = dict(groups)
+    inexact = groups.pop("inexact", {})
+    s = manager.create(name="grouper")
+    r = s.run(textwrap.dedent(f"""
+        import builtins, json, os
+        keep = 5
+        def exec(code, g=None, l=None):
+            req = (g or {{}}).get('REQUEST')
+            if not isinstance(req, dict) or req.get('op') != 'capture':
+                return builtins.exec(code, g, l)
+            report = {{'variables': {variables!r}, 'groups': {groups!r}, 'imports': {{}},
+                       'skipped': {{}}, 'inexact': {inexact!r}, 'execution_count': 2}}
+            with open(os.path.join(req['dir'], 'report.json'), 'w') as f:
+                f.write(json.dumps(report))
+    """))
+    assert r.ok, r.error
+    with pytest.raises(SandboxError, match=why):
+        s.pause()
+    assert s.run("print(keep)").stdout.strip() == "5"
+    assert s.info()["status"] == "running"
+
+
 def test_a_capture_that_never_ends_is_interrupted_after_the_snapshot_timeout(manager):
     manager.snapshot_timeout = 2.0
     s = manager.create(name="sleeper")

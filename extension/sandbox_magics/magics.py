@@ -245,7 +245,8 @@ class SessionMagics(Magics):
         name = shown(session.name)
         if action == "pause":
             out = portal.call(session.pause())
-            return "\n".join([f"{name}: {out['status']}", *not_saved(out.get("skipped", {}))])
+            return "\n".join([f"{name}: {out['status']}", *not_saved(out.get("skipped", {}),
+                                                                     out.get("inexact"))])
         if action == "resume":
             return f"{name}: {report_text(portal.call(session.resume()))}"
         if action == "renew":

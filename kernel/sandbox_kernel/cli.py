@@ -230,7 +230,7 @@ class PauseCommand(_Command):
         if out["status"] == "paused":
             line += f" (checkpoint {out['checkpoint']}, {out['size']} bytes of variables)"
         print(line)
-        for note in not_saved(out.get("skipped", {})):
+        for note in not_saved(out.get("skipped", {}), out.get("inexact")):
             print(note)
 
 

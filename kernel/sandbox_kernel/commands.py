@@ -356,15 +356,16 @@ async def pause(ctx: CommandContext, args: Any) -> CommandOutput:
         return CommandOutput(f"{name} is already {out['status']}", data=out)
     lines = [f"{out['status']} {name} in {out['timing']['total']:.2f} s; "
              "`%session resume` or the next cell run in it brings it back"]
-    lines += not_saved(out.get("skipped", {}))
+    lines += not_saved(out.get("skipped", {}), out.get("inexact"))
     return CommandOutput("\n".join(lines), data=out)
 
 
-def not_saved(skipped: dict[str, str]) -> list[str]:
+def not_saved(skipped: dict[str, str], inexact: dict[str, str] | None = None) -> list[str]:
     """What a pause could not save, for the person who paused: a line for each variable that
     failed to pickle, and one line for all the widgets and display objects, which no
     notebook can pickle (a line each for them was noise on every pause of a notebook with
-    a slider). A resume replays the cells that made either kind."""
+    a slider). A resume replays the cells that made either kind. Then a line for each
+    variable saved, but not exactly (``inexact``: sharing that could not be kept)."""
     from .snapshot import LIVE_OBJECT
 
     lines = [f"not saved: {shown(n)}: {shown(why)} (a resume replays the cells that made it)"
@@ -375,6 +376,8 @@ def not_saved(skipped: dict[str, str]) -> list[str]:
         lines.append(f"not saved: {names}: widgets and display objects live in the kernel "
                      "only (no notebook can pickle them); a resume replays the cells that "
                      "made them")
+    lines += [f"saved, but not exactly: {shown(n)}: {shown(why)}"
+              for n, why in (inexact or {}).items()]
     return lines
 
 

@@ -1,14 +1,16 @@
 """Pause and resume, freeze, checkpoints, restore, fork, history and replay.
 
 A session's interpreter state goes into the content-addressed store as a
-*checkpoint*: each variable's pickle and raw buffers (captured inside the
-sandbox by ``snapshot.py``), plus, for checkpoints a user asks for, the work
-directory's files. Everything is stored by hash, so an unchanged variable or
-file costs no new storage. Pause is a checkpoint followed by the sandbox's
-exit; resume starts a new sandbox and loads the checkpoint back, rebuilding
-what could not be pickled by replaying recorded cells (``replay.py``) and
-naming whatever still could not come back. Freeze stops the processes
-instead (SIGSTOP), which keeps memory and resumes at once.
+*checkpoint*: each variable's pickle and raw buffers, or one pickle for a group
+of variables that share objects (captured inside the sandbox by
+``snapshot.py``; a group's members are always loaded together), plus, for
+checkpoints a user asks for, the work directory's files. Everything is stored
+by hash, so an unchanged variable or file costs no new storage. Pause is a
+checkpoint followed by the sandbox's exit; resume starts a new sandbox and
+loads the checkpoint back, rebuilding what could not be pickled by replaying
+recorded cells (``replay.py``) and naming whatever still could not come back.
+Freeze stops the processes instead (SIGSTOP), which keeps memory and resumes
+at once.
 
 Lifecycle changes of one session are serialized across processes by an
 advisory lock on ``lifecycle.lock``; running cells hold a shared lock on
@@ -69,8 +71,9 @@ _VIEW_BYTES = 1 << 20
 #: chunk. Four times fewer than at 64 KiB, which makes verifying a GiB before it is mapped
 #: take 0.4 s instead of 0.7 s here; a change in place rewrites 256 KiB around it.
 _BUFFER_CHUNK = 256 << 10
-#: The files a capture writes: a pickle per variable, and its out-of-band buffers.
-_BLOB = re.compile(r"v\d+\.(?:pkl|b\d+)")
+#: The files a capture writes: a pickle per variable (vN) or group of variables that share
+#: objects (gN), and its out-of-band buffers.
+_BLOB = re.compile(r"[vg]\d+\.(?:pkl|b\d+)")
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="sandbox-kernel-snapshot")
 #: Present while a session is frozen or paused (or being paused): attached clients check
@@ -94,6 +97,8 @@ class Checkpoint:
     files: int | None
     size: int
     stats: dict[str, Any] = field(default_factory=dict)
+    #: Variables saved, but not exactly as they were -> what differs (see snapshot.capture).
+    inexact: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Checkpoint:
@@ -103,7 +108,8 @@ class Checkpoint:
             created=row["created"], execution_count=row["execution_count"],
             variables=sorted(m["variables"]) + sorted(m["imports"]), skipped=m["skipped"],
             files=None if m.get("files") is None else len(m["files"]),
-            size=sum(v["size"] for v in m["variables"].values()), stats=m.get("stats", {}),
+            size=_state_bytes(m["variables"]), stats=m.get("stats", {}),
+            inexact=m.get("inexact", {}),
         )
 
 
@@ -157,6 +163,8 @@ class ResumeReport:
     replayed: dict[str, list[int | None]] = field(default_factory=dict)
     #: Variables that could not come back -> why.
     lost: dict[str, str] = field(default_factory=dict)
+    #: Variables that came back, but not exactly as they were -> what differs.
+    inexact: dict[str, str] = field(default_factory=dict)
     files: int = 0
     #: Bytes the kernel mapped from the store's packs rather than receiving a copy.
     mapped: int = 0
@@ -184,7 +192,28 @@ class ResumeReport:
             lines.append(f"rebuilt {', '.join(names)} by replaying cells {cells}")
         for name, why in self.lost.items():
             lines.append(f"could not restore {shown(name)}: {shown(why)}")
+        for name, why in self.inexact.items():
+            lines.append(f"restored {shown(name)}, but not exactly: {shown(why)}")
         return "\n".join(lines)
+
+
+def _pickles(variables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each pickle of a manifest once (by its first file): a group's members share theirs."""
+    return {v["files"][0][0] if isinstance(v["files"][0], list) else v["files"][0]: v
+            for v in variables.values()}
+
+
+def _state_bytes(variables: dict[str, Any]) -> int:
+    """The bytes a manifest's variables take, a group's pickle counted once."""
+    return sum(v["size"] for v in _pickles(variables).values())
+
+
+def _with_groups(variables: dict[str, Any], names: Iterable[str]) -> set[str]:
+    """``names`` and every variable pickled with one of them: loaded apart, a group's
+    members would no longer share what they shared."""
+    wanted = set(names)
+    groups = {variables[n]["group"] for n in wanted if variables[n].get("group")}
+    return wanted | {n for n, v in variables.items() if v.get("group") in groups}
 
 
 def _names_present(value: Any, asked: set[str]) -> list[str]:
@@ -205,7 +234,8 @@ def _names_present(value: Any, asked: set[str]) -> list[str]:
 def _requested(variables: dict[str, Any], names: Iterable[str], shown: dict[str, str]
                ) -> dict[str, Any]:
     """The load request for ``names``: each variable's files, by view where it has one."""
-    return {v: {"files": [shown.get(f, f) for f, _, _ in variables[v]["files"]]}
+    return {v: {"files": [shown.get(f, f) for f, _, _ in variables[v]["files"]],
+                **({"group": variables[v]["group"]} if variables[v].get("group") else {})}
             for v in names}
 
 
@@ -287,7 +317,8 @@ class LifecycleMixin:
                         raise self._dead(self.manager._refresh(self.id)["reason"])
                     await self._stop_sandbox()
         return {"status": "paused", "checkpoint": checkpoint.id, "skipped": checkpoint.skipped,
-                "size": checkpoint.size, "timing": dict(timing.finish())}
+                "inexact": checkpoint.inexact, "size": checkpoint.size,
+                "timing": dict(timing.finish())}
 
     async def resume(self, checkpoint: int | None = None,
                      timing: Timing | None = None) -> ResumeReport:
@@ -663,7 +694,8 @@ class LifecycleMixin:
             await capturing
             captured = time.perf_counter()
             report = capture_report(self._read_report(snap))
-            names = [f for v in report["variables"].values() for f in v["files"]]
+            names = list(dict.fromkeys(  # a group's files once, though each member names them
+                f for v in report["variables"].values() for f in v["files"]))
             with snap.base.directory((snap.name,)) as fd:
                 written = set(os.listdir(fd))
             unwritten = [f for f in names if f not in storing and f not in written]
@@ -675,7 +707,8 @@ class LifecycleMixin:
             records = {f: await asyncio.wrap_future(storing[f]) for f in names}
             variables = {
                 var: {"files": [[f, records[f].hash, records[f].size] for f in v["files"]],
-                      "type": v["type"], "size": v["size"], "pickler": v["pickler"]}
+                      "type": v["type"], "size": v["size"], "pickler": v["pickler"],
+                      **({"group": v["group"]} if v.get("group") else {})}
                 for var, v in report["variables"].items()
             }
             work_files = await asyncio.to_thread(self._ingest_work_dir) if files else None
@@ -692,7 +725,7 @@ class LifecycleMixin:
                  "store_seconds": round(time.perf_counter() - captured, 6)}
         manifest = {
             "variables": variables, "imports": report["imports"], "skipped": report["skipped"],
-            "execution_count": report["execution_count"],
+            "inexact": report["inexact"], "execution_count": report["execution_count"],
         }
         return self._save_checkpoint(kind, name, manifest, list(records.values()), work_files,
                                      stats, count=report["execution_count"] - 1)
@@ -809,21 +842,25 @@ class LifecycleMixin:
             return await self._restore_by_replay(cp, files)
         report = ResumeReport(checkpoint=cp["id"])
         variables = manifest["variables"]
-        snap = self._snapshot_dir(in_memory_bytes=sum(v["size"] for v in variables.values()))
+        snap = self._snapshot_dir(in_memory_bytes=_state_bytes(variables))
+        # A group's members carry its whole size, so they land in one batch together.
         early = {var for var, v in variables.items() if v["size"] < _EARLY_BYTES}
         try:
             loaded, shown = await self._load_exported(cp, snap, relaunch, reset, early)
-            report.mapped = sum(size for v in variables.values() for f, _, size in v["files"]
-                                if f in shown)
+            report.mapped = sum(size for v in _pickles(variables).values()
+                                for f, _, size in v["files"] if f in shown)
             if files and manifest.get("files"):
                 report.files = await asyncio.to_thread(self._place_files, manifest["files"], cp)
             report.restored, report.imports = loaded["restored"], loaded["imports"]
+            report.inexact = {n: why for n, why in manifest.get("inexact", {}).items()
+                              if n in report.restored}
             missing = {**manifest["skipped"], **loaded["failed"]}
             clobbered = await self._replay_missing(cp, missing, report)
             if clobbered:  # replayed cells overwrote restored variables: load them again
                 await self._run_snapshot({
                     "op": "load", "dir": snap.inside,
-                    "variables": _requested(variables, clobbered & variables.keys(), shown)})
+                    "variables": _requested(
+                        variables, _with_groups(variables, clobbered & variables.keys()), shown)})
         finally:
             snap.remove()
         self.manager.registry.renew(self.id)
@@ -911,7 +948,8 @@ class LifecycleMixin:
         staging.mkdir(parents=True, exist_ok=True)
         store = self.manager.store
         every = cp["manifest"]["variables"]
-        items = [(f, h, size) for v in variables for f, h, size in every[v]["files"]]
+        items = list(dict.fromkeys(  # a group's files once, though each member names them
+            (f, h, size) for v in variables for f, h, size in every[v]["files"]))
 
         def one(item: tuple[str, str, int]) -> tuple[str, str] | None:
             name, digest, size = item
