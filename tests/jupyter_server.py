@@ -35,7 +35,9 @@ def jupyter_process(module: str, root: Path, *extra: str) -> Iterator[dict]:
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "--no-browser", "--allow-root", f"--port={port}",
          "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", *extra],
+         f"--ServerApp.root_dir={root}",
+         # Deleting sends to the user's trash otherwise, which an ordinary test user lacks.
+         "--FileContentsManager.delete_to_trash=False", *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -69,6 +69,7 @@ class Server:
                     found["result"] = content["data"]["text/plain"]
                 elif kind == "error":
                     found["error"] = content["ename"]
+                    found["why"] = content["evalue"]  # shown when an assertion fails
                 elif kind == "display_data":
                     found["display"] = found.get("display", "") + content["data"].get(
                         "text/plain", "")
