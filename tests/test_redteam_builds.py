@@ -372,7 +372,8 @@ def simple_index(tmp_path):
     root = tmp_path / "index"
     (root / "simple").mkdir(parents=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1",
+        # -u: its "Serving HTTP on ... port N" line must come through the pipe at once.
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
          "--directory", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N ..."

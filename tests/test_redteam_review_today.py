@@ -545,8 +545,8 @@ def test_a_notebook_cannot_configure_the_uv_that_installs_for_other_notebooks(
             neighbour = server.open("shared/neighbour.ipynb")
             far = server.open("elsewhere/far.ipynb")
             for victim in (neighbour, far):
-                server.run(victim, "%session install skdemo-alpha")
+                installed = server.run(victim, "%session install skdemo-alpha")
                 got = server.run(victim, "import skdemo_alpha; skdemo_alpha.VERSION")
-                assert got.get("result") == "'2.0'", got
+                assert got.get("result") == "'2.0'", (got, installed)
         finally:
             _shut_down(server, planter, neighbour, far)
