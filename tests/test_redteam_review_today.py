@@ -531,6 +531,8 @@ def test_a_notebook_cannot_configure_the_uv_that_installs_for_other_notebooks(
     monkeypatch.setenv("SANDBOX_KERNEL_FIND_LINKS", str(wheelhouse))
     monkeypatch.setenv("SANDBOX_KERNEL_NO_INDEX", "1")
     monkeypatch.setenv("SANDBOX_KERNEL_OFFLINE", "1")
+    # uv's cache in a directory of the test's: the ordinary test user's home is not writable.
+    monkeypatch.setenv("SANDBOX_KERNEL_UV_CACHE_DIR", str(kernel_home / "uv-cache"))
     with jupyter_process("jupyter_server", short_tmpdir("skrv-")) as proc:
         server = Server(proc["base"], proc["token"], proc["root"], proc["runtime"])
         for path in ("shared/planter.ipynb", "shared/neighbour.ipynb", "elsewhere/far.ipynb"):
