@@ -67,7 +67,9 @@ def run_all(browser, lab: dict, notebook: str, kernel_label: str, kernel_name: s
     page = browser.new_page(viewport=viewport)
     page.goto(f"{lab['base']}/lab/tree/{notebook}?token={lab['token']}")
     pick_kernel(page, notebook, kernel_label, kernel_name, dialog_shot)
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    # Not awaited: the command's promise ends when every cell has, and a cell that never
+    # ends would hold the test until pytest's timeout; the callers wait for what they need.
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
     return page
 
 
